@@ -1,0 +1,139 @@
+"""The ``ldapproxy`` command: ``run``, ``check`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from ldapproxy import __version__
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the console script."""
+    parser = argparse.ArgumentParser(prog="ldapproxy", description="TLS-terminating LDAP proxy")
+    parser.add_argument("--version", action="version", version=f"ldapproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the proxy in the foreground")
+    run.add_argument("-c", "--config", required=True, type=Path, help="configuration file (TOML)")
+    check = commands.add_parser("check", help="validate the configuration without serving")
+    check.add_argument("-c", "--config", required=True, type=Path, help="configuration file (TOML)")
+    check.add_argument(
+        "--connect", action="store_true", help="also connect to every upstream and verify its TLS"
+    )
+    demo = commands.add_parser("demo", help="run the proxy in front of an embedded directory")
+    demo.add_argument("--port", type=int, default=3389, help="plain/StartTLS port (default 3389)")
+    demo.add_argument("--ldaps-port", type=int, default=3636, help="LDAPS port (default 3636)")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        sys.exit(_run(args.config))
+    if args.command == "check":
+        sys.exit(_check(args.config, args.connect))
+    from ldapproxy.demo import run_demo
+
+    sys.exit(run_demo(args.port, args.ldaps_port))
+
+
+def fail(message: str) -> int:
+    """Print one line on stderr, the way every startup error is reported; return 2."""
+    sys.stderr.write(f"ldapproxy: error: {message}\n")
+    return 2
+
+
+def _load(path: Path) -> Any:
+    """Load the config and build the service; returns the service or an exit code."""
+    from ldapproxy.config import ConfigError, load
+    from ldapproxy.service import ProxyService
+    from ldapproxy.tls import TLSSetupError
+
+    try:
+        config = load(path)
+    except ConfigError as error:
+        return fail(str(error))
+    from twisted.internet import reactor
+
+    try:
+        return ProxyService(config, reactor)
+    except TLSSetupError as error:
+        return fail(f"{path}: {error}")
+
+
+def _run(path: Path) -> int:
+    service = _load(path)
+    if isinstance(service, int):
+        return service
+    return serve(lambda: defer.succeed(service))
+
+
+def serve(build: Callable[[], defer.Deferred[Any]]) -> int:
+    """Run the reactor: ``build()`` gives the proxy service, whose listeners are bound.
+
+    Returns the exit status: 0 after a signal stops the proxy, 1 if startup failed (with
+    one line on stderr, no traceback).
+    """
+    from twisted.internet import reactor
+    from twisted.logger import Logger
+
+    from ldapproxy.logs import start_logging
+    from ldapproxy.service import ListenError
+
+    exit_code = 0
+
+    def started() -> defer.Deferred[Any]:
+        d = build()
+
+        def listen(service: Any) -> Any:
+            reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+            return service.listen().addCallback(lambda _: service)
+
+        def ready(service: Any) -> None:
+            service.startService()
+            Logger(namespace="ldapproxy.service").info(
+                "ldapproxy {version} ready", version=__version__
+            )
+
+        def failed(failure: Failure) -> None:
+            nonlocal exit_code
+            exit_code = 1 if isinstance(failure.value, ListenError) else 2
+            fail(str(failure.value) or repr(failure.value))
+            reactor.stop()
+
+        return d.addCallback(listen).addCallbacks(ready, failed)
+
+    start_logging(sys.stderr)
+    reactor.callWhenRunning(started)
+    reactor.run()
+    return exit_code
+
+
+def _check(path: Path, connect: bool) -> int:
+    service = _load(path)
+    if isinstance(service, int):
+        return service
+    config = service.config
+    print(
+        f"{path}: configuration OK: {len(config.listeners)} listener(s), "
+        f"{len(config.upstream.urls)} upstream URL(s)"
+    )
+    if not connect:
+        return 0
+    from twisted.internet import task
+
+    from ldapproxy.check import check_upstreams
+
+    result: list[bool] = []
+
+    def go(_reactor: Any) -> Any:
+        return check_upstreams(config, service.dialer, sys.stdout).addCallback(result.append)
+
+    try:
+        task.react(go)
+    except SystemExit as stop:
+        if stop.code:
+            return int(stop.code)
+    return 0 if result and result[0] else 1

@@ -1,0 +1,425 @@
+"""The configuration file: one TOML document, validated against a single option table.
+
+Every key the proxy understands is declared once in :data:`OPTIONS`, with its default and
+a one-line description; validation, ``docs/configuration.rst`` and
+``deploy/ldapproxy.example.toml`` are all checked against that table.  Errors name the
+file, the key, the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``str(error)`` is one line naming file and key."""
+
+
+class ListenerTLS(enum.Enum):
+    """How a listener secures its clients' connections."""
+
+    NONE = "none"
+    STARTTLS_OPTIONAL = "starttls-optional"
+    STARTTLS_REQUIRED = "starttls-required"
+    LDAPS = "ldaps"
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One ``[[listener]]`` table."""
+
+    name: str
+    endpoint: str
+    tls: ListenerTLS
+
+
+@dataclass(frozen=True)
+class ServerTLSConfig:
+    """The ``[tls]`` table: what the proxy presents to its clients."""
+
+    certificate: Path | None
+    private_key: Path | None
+    min_version: str
+    ciphers: str
+
+
+@dataclass(frozen=True)
+class UpstreamURL:
+    """One upstream directory address.  ``ldap`` means StartTLS, ``ldaps`` implicit TLS."""
+
+    scheme: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """The ``[upstream]`` table."""
+
+    urls: tuple[UpstreamURL, ...]
+    ca_file: Path | None
+    tls_server_name: str
+    client_certificate: Path | None
+    client_key: Path | None
+    connect_timeout: float
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """The ``[limits]`` table."""
+
+    max_pdu_bytes: int
+    idle_timeout: float
+    tls_handshake_timeout: float
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated configuration."""
+
+    path: Path
+    listeners: tuple[ListenerConfig, ...]
+    tls: ServerTLSConfig
+    upstream: UpstreamConfig
+    limits: LimitsConfig
+
+
+# -- the option table --------------------------------------------------------------------
+
+_REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: where it lives, its default, and how its value is checked."""
+
+    section: str
+    key: str
+    default: Any
+    help: str
+    parse: Callable[[Any], Any]
+    #: Shown in docs instead of the Python default (for values built from a pattern).
+    shown_default: str | None = None
+
+    @property
+    def required(self) -> bool:
+        """Whether the key has no default."""
+        return self.default is _REQUIRED
+
+    @property
+    def dotted(self) -> str:
+        """``section.key``, the name used in docs and error messages."""
+        return f"{self.section}.{self.key}"
+
+
+class _Bad(ValueError):
+    """A value is unacceptable; the message says what was expected."""
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad("expected a string")
+    return value
+
+
+def _nonempty_string(value: Any) -> str:
+    if not _string(value):
+        raise _Bad("expected a non-empty string")
+    return str(value)
+
+
+def _path_or_none(value: Any) -> Path | None:
+    text = _string(value)
+    return Path(text) if text else None
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad("expected a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise _Bad("expected a number of seconds greater than 0")
+    return float(value)
+
+
+def _pdu_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Bad("expected an integer number of bytes")
+    if not 1024 <= value <= 2**31:
+        raise _Bad("expected an integer number of bytes between 1024 and 2147483648")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise _Bad("expected one of " + ", ".join(repr(c) for c in choices))
+        return str(value)
+
+    return parse
+
+
+def _listener_tls(value: Any) -> ListenerTLS:
+    return ListenerTLS(_choice(*(m.value for m in ListenerTLS))(value))
+
+
+def _endpoint(value: Any) -> str:
+    text = _nonempty_string(value)
+    # Parse now (nothing is bound) so a typo fails at startup with the key named.
+    from twisted.internet import endpoints
+
+    kind = text.split(":", 1)[0]
+    if kind == "systemd":
+        # Adopting an inherited socket reads the environment; checked when listening.
+        return text
+    try:
+        endpoints.serverFromString(_UnusedReactor(), text)  # type: ignore[no-untyped-call]
+    except Exception as error:
+        raise _Bad(
+            f"expected a Twisted server endpoint string such as 'tcp:389' ({error})"
+        ) from None
+    return text
+
+
+class _UnusedReactor:
+    """Stands in for the reactor while an endpoint string is only parsed."""
+
+
+def _urls(value: Any) -> tuple[UpstreamURL, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Bad("expected a non-empty list of ldap:// or ldaps:// URLs")
+    return tuple(_url(item) for item in value)
+
+
+def _url(value: Any) -> UpstreamURL:
+    text = _string(value)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as error:
+        raise _Bad(f"{text!r} is not a valid URL ({error})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("ldap", "ldaps"):
+        raise _Bad(
+            f"{text!r}: expected an ldap:// (StartTLS) or ldaps:// URL; "
+            "plaintext to the upstream is never used"
+        )
+    if not parts.hostname:
+        raise _Bad(f"{text!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise _Bad(f"{text!r}: expected scheme://host[:port] with no DN or options")
+    default_port = 636 if scheme == "ldaps" else 389
+    return UpstreamURL(scheme, parts.hostname, port or default_port)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "listener",
+        "name",
+        "",
+        "Name shown in logs and metrics; defaults to the listener's position, listener0...",
+        _string,
+        shown_default='"listener<N>"',
+    ),
+    Option(
+        "listener",
+        "endpoint",
+        _REQUIRED,
+        "Twisted server endpoint string, e.g. tcp:389 or tcp:3389:interface=127.0.0.1.",
+        _endpoint,
+    ),
+    Option(
+        "listener",
+        "tls",
+        "starttls-optional",
+        "none, starttls-optional, starttls-required or ldaps.",
+        _listener_tls,
+    ),
+    Option(
+        "tls",
+        "certificate",
+        "",
+        "PEM certificate presented to clients, leaf first, then intermediates.",
+        _path_or_none,
+    ),
+    Option("tls", "private_key", "", "PEM private key of the certificate.", _path_or_none),
+    Option(
+        "tls",
+        "min_version",
+        "1.2",
+        "Lowest TLS version offered to clients: 1.2 or 1.3.",
+        _choice("1.2", "1.3"),
+    ),
+    Option(
+        "tls",
+        "ciphers",
+        "",
+        "OpenSSL cipher string for TLS 1.2; empty means a secure default (ECDHE with AEAD).",
+        _string,
+    ),
+    Option(
+        "upstream",
+        "urls",
+        _REQUIRED,
+        "Upstream directories, tried in order: ldaps:// (implicit TLS) or ldap:// (StartTLS).",
+        _urls,
+    ),
+    Option(
+        "upstream",
+        "ca_file",
+        "",
+        "PEM CA bundle; empty means the system trust store.",
+        _path_or_none,
+    ),
+    Option(
+        "upstream",
+        "tls_server_name",
+        "",
+        "Name to verify in the upstream certificate (and send as SNI) instead of the URL host.",
+        _string,
+    ),
+    Option(
+        "upstream",
+        "client_certificate",
+        "",
+        "PEM client certificate presented to the upstream; empty for none.",
+        _path_or_none,
+    ),
+    Option("upstream", "client_key", "", "Private key of client_certificate.", _path_or_none),
+    Option(
+        "upstream",
+        "connect_timeout",
+        5.0,
+        "Seconds to connect to an upstream and finish StartTLS and the TLS handshake.",
+        _positive_number,
+    ),
+    Option(
+        "limits",
+        "max_pdu_bytes",
+        1048576,
+        "Largest request PDU a client may send; larger ones close the connection.",
+        _pdu_size,
+    ),
+    Option(
+        "limits",
+        "idle_timeout",
+        900,
+        "Seconds without traffic before an idle client is disconnected.",
+        _positive_number,
+    ),
+    Option(
+        "limits",
+        "tls_handshake_timeout",
+        10,
+        "Seconds a client has to finish its TLS handshake.",
+        _positive_number,
+    ),
+)
+
+_SECTIONS = ("listener", "tls", "upstream", "limits")
+
+
+def load(path: Path) -> Config:
+    """Read and validate the configuration file at ``path``.
+
+    :raises ConfigError: the file is missing, unreadable, not TOML, or invalid.
+    """
+    try:
+        with path.open("rb") as stream:
+            document = tomllib.load(stream)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return parse(document, path)
+
+
+def parse(document: Mapping[str, Any], path: Path) -> Config:
+    """Validate an already-parsed TOML document that came from ``path``."""
+    for section in document:
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"{path}: unknown section [{section}]; expected one of "
+                + ", ".join(f"[{s}]" for s in _SECTIONS)
+            )
+    listeners = _listeners(document.get("listener"), path)
+    tls = ServerTLSConfig(**_table(document, "tls", path))
+    upstream = _table(document, "upstream", path)
+    if bool(upstream["client_certificate"]) != bool(upstream["client_key"]):
+        raise ConfigError(
+            f"{path}: [upstream] client_certificate and client_key must be set together"
+        )
+    limits = LimitsConfig(**_table(document, "limits", path))
+    config = Config(path, listeners, tls, UpstreamConfig(**upstream), limits)
+    needs_tls = [lc for lc in listeners if lc.tls is not ListenerTLS.NONE]
+    if needs_tls and not (tls.certificate and tls.private_key):
+        first = needs_tls[0]
+        raise ConfigError(
+            f"{path}: [tls] certificate and private_key are required by listener "
+            f"{first.name!r} (tls = {first.tls.value!r})"
+        )
+    return config
+
+
+def _table(document: Mapping[str, Any], section: str, path: Path) -> dict[str, Any]:
+    raw = document.get(section, {})
+    where = f"[{section}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {where} must be a table")
+    return _check_keys(raw, section, where, path)
+
+
+def _check_keys(raw: Mapping[str, Any], section: str, where: str, path: Path) -> dict[str, Any]:
+    options = {o.key: o for o in OPTIONS if o.section == section}
+    for key in raw:
+        if key not in options:
+            raise ConfigError(
+                f"{path}: {where} unknown key {key!r}; expected one of " + ", ".join(options)
+            )
+    values: dict[str, Any] = {}
+    for key, option in options.items():
+        if key not in raw:
+            if option.required:
+                raise ConfigError(f"{path}: {where} {key} is required ({option.help})")
+            value = option.default
+        else:
+            value = raw[key]
+        try:
+            values[key] = option.parse(value)
+        except _Bad as error:
+            raise ConfigError(f"{path}: {where} {key} = {_show(value)}: {error}") from None
+    return values
+
+
+def _listeners(raw: Any, path: Path) -> tuple[ListenerConfig, ...]:
+    if raw is None:
+        raise ConfigError(f"{path}: at least one [[listener]] is required")
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError(f"{path}: listener must be an array of tables, written [[listener]]")
+    listeners = []
+    for index, item in enumerate(raw):
+        values = _check_keys(item, "listener", f"[[listener]] #{index + 1}", path)
+        values["name"] = values["name"] or f"listener{index}"
+        listeners.append(ListenerConfig(**values))
+    names = [lc.name for lc in listeners]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{path}: [[listener]] name = {name!r} is used more than once")
+    return tuple(listeners)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

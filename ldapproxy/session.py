@@ -1,0 +1,478 @@
+"""The client session: what the proxy does with each PDU a client sends, and with each PDU
+the upstream sends back.
+
+A session is plain Python.  It talks to its client through :class:`ClientPort` (the
+client protocol implements it over a Twisted transport) and gets its upstream connection
+from an :class:`UpstreamSource` (the dialer now, the pool later), so all the policy below
+is testable without sockets.
+
+Client states (:class:`SessionState`)::
+
+    PLAINTEXT --StartTLS accepted--> HANDSHAKE --handshake done--> SECURE
+    (an ldaps listener starts in HANDSHAKE)
+    any state --unbind, error, timeout, upstream lost--> CLOSING --> CLOSED
+
+Rules, in the order they are applied to each client PDU:
+
+* Message ID 0 is reserved for unsolicited notifications, response tags are not requests,
+  and a message ID may not be reused while its operation is outstanding: any of these is
+  a protocol error (Notice of Disconnection, then close).
+* StartTLS is answered by the proxy itself (RFC 4511 §4.14): ``unavailable`` on a
+  ``none`` listener, ``operationsError`` when TLS is already active or operations are
+  outstanding, else success in plaintext followed by the handshake.  Bytes that arrive
+  after the StartTLS request and before the handshake are never executed; the connection
+  is closed (the STARTTLS command-injection class, CVE-2011-0411).
+* On ``starttls-required`` listeners, before TLS only Abandon, Unbind and a base-scope read
+  of the root DSE pass; every other request gets its own response type with
+  ``confidentialityRequired``.
+* Unbind ends the session; it is not forwarded.
+* Everything else is forwarded unchanged, and its message ID recorded as outstanding until
+  its final response.  Responses for message IDs that are not outstanding are dropped;
+  unsolicited notifications (message ID 0) pass through.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ldapproxy import messages as m
+from ldapproxy.ber import BerError, Frame, Framer, FramingError, PDUTooLarge
+from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
+from ldapproxy.upstream import NoUpstreamAvailable, UpstreamProtocol
+
+log = Logger(namespace="ldapproxy.session")
+
+
+class SessionState(enum.Enum):
+    """Lifecycle of one client session (see the module docstring)."""
+
+    PLAINTEXT = "plaintext"
+    HANDSHAKE = "handshake"
+    SECURE = "secure"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class ClientPort(Protocol):
+    """What a session needs from its client connection."""
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client."""
+
+    def start_tls(self) -> None:
+        """Start the server side of a TLS handshake on the connection."""
+
+    def pause_reading(self) -> None:
+        """Stop delivering client bytes until :meth:`resume_reading`."""
+
+    def resume_reading(self) -> None:
+        """Deliver client bytes again."""
+
+    def link(self, upstream: UpstreamProtocol) -> None:
+        """Couple flow control with ``upstream`` in both directions."""
+
+    def unlink(self, upstream: UpstreamProtocol) -> None:
+        """Undo :meth:`link` before the upstream connection is released."""
+
+    def close(self) -> None:
+        """Flush what was written, then close."""
+
+    def abort(self) -> None:
+        """Close at once, discarding unwritten data."""
+
+
+class UpstreamSource(Protocol):
+    """Where sessions obtain upstream connections, and give them back."""
+
+    def acquire(self) -> defer.Deferred[UpstreamProtocol]:
+        """A READY upstream connection for one session."""
+
+    def release(self, connection: UpstreamProtocol, clean: bool) -> None:
+        """The session is done with ``connection``; ``clean`` if nothing is in flight."""
+
+
+_PLAINTEXT_ALLOWED = frozenset({m.ABANDON_REQUEST, m.UNBIND_REQUEST})
+
+
+class Session:
+    """One client connection, from accept to close, and the upstream it uses."""
+
+    def __init__(
+        self,
+        session_id: int,
+        peer: str,
+        listener: ListenerConfig,
+        limits: LimitsConfig,
+        clock: IReactorTime,
+        source: UpstreamSource,
+        client: ClientPort,
+    ) -> None:
+        self.id = session_id
+        self.peer = peer
+        self.listener = listener
+        self.state = SessionState.PLAINTEXT
+        #: TLS protocol version name once the client's TLS is up, e.g. "TLSv1.3".
+        self.tls_version: str | None = None
+        self._limits = limits
+        self._clock = clock
+        self._source = source
+        self._client = client
+        self._framer = Framer(limits.max_pdu_bytes)
+        #: message ID -> request tag, for every operation awaiting its final response.
+        self._outstanding: dict[int, int] = {}
+        self._abandoned: set[int] = set()
+        self._upstream: UpstreamProtocol | None = None
+        self._acquiring: defer.Deferred[UpstreamProtocol] | None = None
+        self._pending: list[Frame] = []
+        self._notice_forwarded = False
+        self._close_reason: str | None = None
+        self._last_activity = clock.seconds()
+        self._idle_timer: IDelayedCall | None = None
+        self._handshake_timer: IDelayedCall | None = None
+
+    @property
+    def prefix(self) -> str:
+        """``conn=ID peer``: the start of every log line about this session."""
+        return f"conn={self.id} {self.peer}"
+
+    @property
+    def outstanding(self) -> int:
+        """How many operations await their final response."""
+        return len(self._outstanding)
+
+    # -- client events ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The client connection is established."""
+        self._idle_timer = self._clock.callLater(self._limits.idle_timeout, self._check_idle)
+        if self.listener.tls is ListenerTLS.LDAPS:
+            self._begin_tls()
+
+    def client_data(self, data: bytes) -> None:
+        """Bytes arrived from the client."""
+        if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
+            return
+        self._last_activity = self._clock.seconds()
+        try:
+            frames = self._framer.feed(data)
+        except PDUTooLarge as error:
+            self._violation(
+                "request too large",
+                f"PDU of {error.size} bytes exceeds limits.max_pdu_bytes = {error.limit}",
+            )
+            return
+        except FramingError as error:
+            self._violation("malformed LDAP message", f"framing error: {error}")
+            return
+        forward: list[Frame] = []
+        for index, frame in enumerate(frames):
+            message_id, op, pdu = frame
+            if message_id == 0 or op in m.RESPONSE_TAGS:
+                self._violation(
+                    "malformed LDAP message", f"message ID {message_id} with op 0x{op:02x}"
+                )
+                return
+            if op == m.EXTENDED_REQUEST:
+                try:
+                    oid = m.extended_request_name(pdu)
+                except BerError as error:
+                    self._violation("malformed LDAP message", f"bad ExtendedRequest: {error}")
+                    return
+                if oid == m.STARTTLS_OID:
+                    self._forward(forward)
+                    trailing = self._framer.buffered + sum(len(f.data) for f in frames[index + 1 :])
+                    self._starttls(message_id, trailing)
+                    return
+            if self._refused_before_tls(frame):
+                continue
+            if op == m.UNBIND_REQUEST:
+                self._forward(forward)
+                self._close("client unbind", notice=None)
+                return
+            if op == m.ABANDON_REQUEST:
+                try:
+                    target = m.abandon_target(pdu)
+                except BerError as error:
+                    self._violation("malformed LDAP message", f"bad AbandonRequest: {error}")
+                    return
+                if target in self._outstanding:
+                    self._abandoned.add(target)
+                    forward.append(frame)
+                continue
+            if message_id in self._outstanding:
+                if message_id not in self._abandoned:
+                    self._violation(
+                        "message ID in use",
+                        f"message ID {message_id} reused while its operation is outstanding",
+                    )
+                    return
+                self._abandoned.discard(message_id)
+            self._outstanding[message_id] = op
+            forward.append(frame)
+        self._forward(forward)
+
+    def tls_established(self, version: str) -> None:
+        """The client's TLS handshake completed."""
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        if self.state is SessionState.HANDSHAKE:
+            self.state = SessionState.SECURE
+            self.tls_version = version
+            log.info("{prefix} TLS established ({version})", prefix=self.prefix, version=version)
+
+    def client_lost(self, reason: Failure) -> None:
+        """The client connection is closed (by either side)."""
+        previous, self.state = self.state, SessionState.CLOSED
+        if previous is SessionState.HANDSHAKE:
+            log.warn(
+                "{prefix} TLS handshake failed: {error}", prefix=self.prefix, error=_brief(reason)
+            )
+        log.info(
+            "{prefix} closed ({why})",
+            prefix=self.prefix,
+            why=self._close_reason or "client disconnected",
+        )
+        self._cancel_timers()
+        if self._acquiring is not None:
+            self._acquiring.cancel()
+        self._release_upstream()
+
+    # -- upstream events (UpstreamSink) ------------------------------------------------
+
+    def upstream_frames(self, frames: list[Frame]) -> None:
+        """Responses arrived from the upstream; pass on those that belong to this client."""
+        out = []
+        outstanding = self._outstanding
+        for frame in frames:
+            message_id = frame.message_id
+            if message_id in outstanding:
+                if frame.op in m.FINAL_RESPONSES:
+                    del outstanding[message_id]
+                    self._abandoned.discard(message_id)
+                out.append(frame.data)
+            elif message_id == 0:
+                if frame.op == m.EXTENDED_RESPONSE and _is_notice(frame.data):
+                    self._notice_forwarded = True
+                out.append(frame.data)
+            else:
+                log.debug(
+                    "{prefix} dropped upstream response for message ID {id}, not outstanding",
+                    prefix=self.prefix,
+                    id=message_id,
+                )
+        if out:
+            self._client.write(b"".join(out))
+
+    def upstream_lost(self, reason: str) -> None:
+        """The upstream connection broke while this session held it."""
+        self._upstream = None
+        if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
+            return
+        log.warn("{prefix} upstream connection lost: {reason}", prefix=self.prefix, reason=reason)
+        notice = (
+            None
+            if self._notice_forwarded
+            else (m.UNAVAILABLE, "upstream directory connection lost")
+        )
+        self._close("upstream lost", notice=notice)
+
+    # -- forwarding --------------------------------------------------------------------
+
+    def _forward(self, frames: list[Frame]) -> None:
+        if not frames:
+            return
+        if self._upstream is not None:
+            if len(frames) == 1:
+                self._upstream.send(frames[0].data)
+            else:
+                self._upstream.send(b"".join(f.data for f in frames))
+            return
+        self._pending.extend(frames)
+        if self._acquiring is None:
+            self._client.pause_reading()
+            self._acquiring = self._source.acquire()
+            self._acquiring.addCallbacks(self._acquired, self._acquire_failed)
+
+    def _acquired(self, upstream: UpstreamProtocol) -> None:
+        self._acquiring = None
+        if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
+            self._source.release(upstream, clean=True)
+            return
+        self._upstream = upstream
+        upstream.attach(self)
+        self._client.link(upstream)
+        pending, self._pending = self._pending, []
+        self._forward(pending)
+        self._client.resume_reading()
+
+    def _acquire_failed(self, failure: Failure) -> None:
+        self._acquiring = None
+        if isinstance(failure.value, defer.CancelledError):
+            return
+        pending, self._pending = self._pending, []
+        if isinstance(failure.value, NoUpstreamAvailable):
+            log.warn(
+                "{prefix} no upstream available for {count} request(s): {error}",
+                prefix=self.prefix,
+                count=len(pending),
+                error=failure.value,
+            )
+        else:
+            log.failure(
+                "{prefix} obtaining an upstream connection failed", failure, prefix=self.prefix
+            )
+        replies = []
+        for message_id, op, _ in pending:
+            self._outstanding.pop(message_id, None)
+            reply = m.error_for_request(
+                message_id, op, m.UNAVAILABLE, "no upstream directory is available"
+            )
+            if reply is not None:
+                replies.append(reply)
+        if replies:
+            self._client.write(b"".join(replies))
+        self._client.resume_reading()
+
+    def _release_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            self._client.unlink(upstream)
+            clean = not self._outstanding and not self._abandoned
+            self._source.release(upstream, clean)
+
+    # -- local answers -----------------------------------------------------------------
+
+    def _refused_before_tls(self, frame: Frame) -> bool:
+        if (
+            self.listener.tls is not ListenerTLS.STARTTLS_REQUIRED
+            or self.state is SessionState.SECURE
+        ):
+            return False
+        message_id, op, pdu = frame
+        if op in _PLAINTEXT_ALLOWED:
+            return False
+        try:
+            if op == m.SEARCH_REQUEST and m.is_root_dse_read(pdu):
+                return False
+        except BerError:
+            pass
+        reply = m.error_for_request(
+            message_id, op, m.CONFIDENTIALITY_REQUIRED, "StartTLS is required on this listener"
+        )
+        if reply is None:
+            self._close(
+                "request before StartTLS",
+                notice=(m.CONFIDENTIALITY_REQUIRED, "StartTLS is required on this listener"),
+            )
+        else:
+            self._client.write(reply)
+        return True
+
+    def _starttls(self, message_id: int, trailing: int) -> None:
+        if trailing:
+            log.warn(
+                "{prefix} closing: {count} byte(s) sent after StartTLS before the TLS handshake "
+                "(STARTTLS command injection)",
+                prefix=self.prefix,
+                count=trailing,
+            )
+            self._close("StartTLS injection", notice=None, abort=True)
+            return
+        if self.listener.tls is ListenerTLS.NONE:
+            self._reply_extended(
+                message_id, m.UNAVAILABLE, "StartTLS is not offered on this listener"
+            )
+        elif self.state is not SessionState.PLAINTEXT:
+            self._reply_extended(message_id, m.OPERATIONS_ERROR, "TLS is already established")
+        elif self._outstanding:
+            self._reply_extended(
+                message_id, m.OPERATIONS_ERROR, "StartTLS while operations are outstanding"
+            )
+        else:
+            self._client.write(m.extended_response(message_id, m.SUCCESS, "", m.STARTTLS_OID))
+            self._begin_tls()
+
+    def _reply_extended(self, message_id: int, code: int, diagnostic: str) -> None:
+        self._client.write(m.extended_response(message_id, code, diagnostic))
+
+    def _begin_tls(self) -> None:
+        self.state = SessionState.HANDSHAKE
+        self._client.start_tls()
+        self._handshake_timer = self._clock.callLater(
+            self._limits.tls_handshake_timeout, self._handshake_timed_out
+        )
+
+    # -- ending ------------------------------------------------------------------------
+
+    def _violation(self, diagnostic: str, detail: str) -> None:
+        log.warn("{prefix} closing: protocol error: {detail}", prefix=self.prefix, detail=detail)
+        self._close("protocol error", notice=(m.PROTOCOL_ERROR, diagnostic))
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.state is SessionState.HANDSHAKE:
+            log.warn(
+                "{prefix} closing: TLS handshake not finished within "
+                "limits.tls_handshake_timeout = {timeout:g} s",
+                prefix=self.prefix,
+                timeout=self._limits.tls_handshake_timeout,
+            )
+            self._close("handshake timeout", notice=None, abort=True)
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
+            return
+        timeout = self._limits.idle_timeout
+        idle_for = self._clock.seconds() - self._last_activity
+        if self._outstanding or self._acquiring is not None or idle_for < timeout:
+            # Not idle: look again when it could first be.
+            delay = timeout - idle_for if idle_for < timeout else timeout
+            self._idle_timer = self._clock.callLater(delay, self._check_idle)
+            return
+        log.info(
+            "{prefix} closing: idle for {idle:.0f} s (limits.idle_timeout = {timeout:g})",
+            prefix=self.prefix,
+            idle=idle_for,
+            timeout=timeout,
+        )
+        self._close("idle timeout", notice=(m.UNAVAILABLE, "idle timeout"))
+
+    def _close(self, why: str, notice: tuple[int, str] | None, abort: bool = False) -> None:
+        if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.CLOSING
+        self._close_reason = why
+        self._cancel_timers()
+        if notice is not None:
+            self._client.write(m.notice_of_disconnection(*notice))
+        if abort:
+            self._client.abort()
+        else:
+            self._client.close()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle_timer, self._handshake_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._handshake_timer = None
+
+
+def _is_notice(pdu: bytes) -> bool:
+    try:
+        return m.extended_response_name(pdu) == m.NOTICE_OF_DISCONNECTION_OID
+    except BerError:
+        return False
+
+
+def _brief(reason: Failure) -> str:
+    value: Any = reason.value
+    text = str(value) or type(value).__name__
+    return text

@@ -1,0 +1,262 @@
+"""Upstream connections: TCP to a directory, TLS (implicit or StartTLS) with verification,
+then framed LDAP traffic for the one session that holds the connection.
+
+An upstream connection moves through :class:`UpstreamState` exactly once, in order:
+
+``CONNECTING`` -> (``STARTTLS`` for ldap:// URLs) -> ``HANDSHAKE`` -> ``READY`` -> ``CLOSED``
+
+Only a ``READY`` connection is handed to a session, so no client byte ever travels to the
+upstream before TLS is established and the certificate verified.  There is no plaintext
+mode.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Generator, Sequence
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IHandshakeListener, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ldapproxy import messages
+from ldapproxy.ber import BerError, Frame, Framer, FramingError
+from ldapproxy.config import UpstreamConfig, UpstreamURL
+from ldapproxy.tls import PeerCertificate, UpstreamTLS, UpstreamVerifier
+
+log = Logger(namespace="ldapproxy.upstream")
+
+#: The largest PDU accepted from an upstream (an entry with big binary attributes).
+UPSTREAM_MAX_PDU_BYTES = 256 * 1024 * 1024
+
+# The proxy's own requests on a fresh connection use IDs no client has used yet.
+_STARTTLS_MESSAGE_ID = 1
+
+
+class UpstreamState(enum.Enum):
+    """Lifecycle of one upstream connection."""
+
+    CONNECTING = "connecting"
+    STARTTLS = "starttls"
+    HANDSHAKE = "handshake"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class UpstreamError(Exception):
+    """Connecting to one upstream URL failed; ``str(error)`` names the URL and reason."""
+
+    def __init__(self, url: UpstreamURL, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class NoUpstreamAvailable(Exception):
+    """Every upstream URL failed; ``errors`` has one :class:`UpstreamError` per URL."""
+
+    def __init__(self, errors: Sequence[UpstreamError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = tuple(errors)
+
+
+class UpstreamSink(TypingProtocol):
+    """What an upstream connection delivers to the session that holds it."""
+
+    def upstream_frames(self, frames: list[Frame]) -> None:
+        """Whole PDUs arrived from the upstream."""
+
+    def upstream_lost(self, reason: str) -> None:
+        """The upstream connection is gone; ``reason`` is for the log."""
+
+
+@implementer(IHandshakeListener)
+class UpstreamProtocol(Protocol):
+    """One connection to an upstream directory (see the module docstring for its states)."""
+
+    def __init__(self, url: UpstreamURL, verifier: UpstreamVerifier) -> None:
+        self.url = url
+        self.state = UpstreamState.CONNECTING
+        self._verifier = verifier
+        self._framer = Framer(UPSTREAM_MAX_PDU_BYTES)
+        self._sink: UpstreamSink | None = None
+        self._close_reason: str | None = None
+        #: Fires with this protocol once READY, or fails with :class:`UpstreamError`.
+        self.ready: defer.Deferred[UpstreamProtocol] = defer.Deferred(self._cancel)
+        self.tls_version: str | None = None
+        self.cipher: str | None = None
+        self.peer_certificate: PeerCertificate | None = None
+
+    # -- establishing ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if self.url.scheme == "ldaps":
+            self._start_tls()
+        else:
+            self.state = UpstreamState.STARTTLS
+            self.transport.write(  # type: ignore[union-attr]
+                messages.extended_request(_STARTTLS_MESSAGE_ID, messages.STARTTLS_OID)
+            )
+
+    def _start_tls(self) -> None:
+        self.state = UpstreamState.HANDSHAKE
+        self.transport.startTLS(self._verifier)  # type: ignore[union-attr]
+
+    def _starttls_response(self, frames: list[Frame]) -> None:
+        frame = frames[0]
+        if (
+            len(frames) > 1
+            or self._framer.buffered
+            or frame.message_id != _STARTTLS_MESSAGE_ID
+            or frame.op != messages.EXTENDED_RESPONSE
+        ):
+            self._fail("unexpected response to StartTLS")
+            return
+        try:
+            code = messages.result_code(frame.data)
+        except BerError:
+            self._fail("malformed StartTLS response")
+            return
+        if code != messages.SUCCESS:
+            self._fail(f"StartTLS refused: {messages.result_name(code)} ({code})")
+            return
+        self._start_tls()
+
+    def handshakeCompleted(self) -> None:
+        handle = self.transport.getHandle()  # type: ignore[union-attr]
+        self.tls_version = handle.get_protocol_version_name()
+        self.cipher = handle.get_cipher_name()
+        if self._verifier.leaf is not None:
+            self.peer_certificate = PeerCertificate.from_x509(self._verifier.leaf)
+        self.state = UpstreamState.READY
+        self.ready.callback(self)
+
+    def _fail(self, reason: str) -> None:
+        self._close_reason = reason
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _cancel(self, _: defer.Deferred[UpstreamProtocol]) -> None:
+        self._close_reason = "timed out"
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- serving a session --------------------------------------------------------------
+
+    def attach(self, sink: UpstreamSink) -> None:
+        """Deliver everything received from now on to ``sink``."""
+        self._sink = sink
+
+    def send(self, data: bytes) -> None:
+        """Write client PDUs (already framed and checked) to the upstream."""
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """Say goodbye politely (Unbind) and close the connection."""
+        if self.state is UpstreamState.CLOSED:
+            return
+        self._sink = None
+        if self.state is UpstreamState.READY:
+            self.transport.write(messages.unbind_request(_STARTTLS_MESSAGE_ID))  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            frames = self._framer.feed(data)
+        except FramingError as error:
+            self._fail(f"protocol error from upstream: {error}")
+            return
+        if not frames:
+            return
+        if self.state is UpstreamState.READY:
+            if self._sink is not None:
+                self._sink.upstream_frames(frames)
+        elif self.state is UpstreamState.STARTTLS:
+            self._starttls_response(frames)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        previous, self.state = self.state, UpstreamState.CLOSED
+        if previous is not UpstreamState.READY:
+            why = self._verifier.failure or self._close_reason or _describe(reason, previous)
+            if not self.ready.called:
+                self.ready.errback(UpstreamError(self.url, why))
+            return
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.upstream_lost(self._close_reason or _describe(reason, previous))
+
+
+def _describe(reason: Failure, state: UpstreamState) -> str:
+    error = reason.value
+    if state is UpstreamState.HANDSHAKE:
+        return f"TLS handshake failed: {error}"
+    text = str(error) or type(error).__name__
+    return f"connection lost ({text})"
+
+
+class UpstreamDialer:
+    """Opens verified upstream connections, trying the configured URLs in order.
+
+    This is where sessions get their upstream connection; the pool builds on it.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        config: UpstreamConfig,
+        tls: UpstreamTLS,
+    ) -> None:
+        self._reactor = reactor
+        self._clock = clock
+        self._config = config
+        self._tls = tls
+
+    def connect_url(self, url: UpstreamURL) -> defer.Deferred[UpstreamProtocol]:
+        """Connect to one URL; fails with :class:`UpstreamError`."""
+        verifier = self._tls.creator(url.host)
+        protocol = UpstreamProtocol(url, verifier)
+        endpoint = endpoints.HostnameEndpoint(
+            self._reactor, url.host, url.port, timeout=self._config.connect_timeout
+        )
+        connecting: defer.Deferred[Any] = endpoints.connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
+
+        def connected(_: object) -> defer.Deferred[UpstreamProtocol]:
+            return protocol.ready
+
+        def failed(failure: Failure) -> Failure:
+            if isinstance(failure.value, UpstreamError):
+                return failure
+            if isinstance(failure.value, defer.TimeoutError | defer.CancelledError):
+                raise UpstreamError(url, f"timed out after {self._config.connect_timeout:g} s")
+            error = failure.value
+            raise UpstreamError(url, f"cannot connect: {error}")
+
+        ready: defer.Deferred[UpstreamProtocol] = connecting.addCallback(connected)
+        ready.addTimeout(self._config.connect_timeout, self._clock)
+        ready.addErrback(failed)
+        return ready
+
+    @defer.inlineCallbacks
+    def acquire(self) -> Generator[defer.Deferred[Any], Any, UpstreamProtocol]:
+        """Connect to the first URL that works; fails with :class:`NoUpstreamAvailable`."""
+        errors: list[UpstreamError] = []
+        for url in self._config.urls:
+            try:
+                protocol: UpstreamProtocol = yield self.connect_url(url)
+            except UpstreamError as error:
+                log.warn("upstream {url} unavailable: {reason}", url=str(url), reason=error.reason)
+                errors.append(error)
+            else:
+                return protocol
+        raise NoUpstreamAvailable(errors)
+
+    def release(self, connection: UpstreamProtocol, clean: bool) -> None:
+        """A session is done with ``connection``.  Without a pool it is simply closed."""
+        connection.close()

@@ -1,0 +1,1 @@
+"""Bundled ldapproxy plugins, installed as ``ldapproxy.plugins``."""

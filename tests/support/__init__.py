@@ -1,0 +1,1 @@
+"""Helpers for the integration tests: a real slapd, loopback ports and ldap-utils."""
