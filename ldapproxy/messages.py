@@ -284,6 +284,20 @@ def is_root_dse_read(pdu: bytes) -> bool:
     return scope_tag == ENUMERATED and read_integer(pdu, scope_start, scope_end) == 0
 
 
+def is_anonymous_bind(pdu: bytes) -> bool:
+    """Whether a BindRequest PDU is an anonymous simple bind (RFC 4513 §5.1.1): an empty
+    name and an empty simple password."""
+    tag, start, end = _protocol_op(pdu)
+    if tag != BIND_REQUEST:
+        return False
+    _, _, version_end = read_tlv(pdu, start, end)
+    name_tag, name_start, name_end = read_tlv(pdu, version_end, end)
+    if name_tag != OCTET_STRING or name_end != name_start:
+        return False
+    auth_tag, auth_start, auth_end = read_tlv(pdu, name_end, end)
+    return auth_tag == 0x80 and auth_end == auth_start
+
+
 def abandon_target(pdu: bytes) -> int:
     """The message ID that an AbandonRequest PDU abandons."""
     tag, start, end = _protocol_op(pdu)

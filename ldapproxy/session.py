@@ -23,8 +23,9 @@ Rules, in the order they are applied to each client PDU:
   after the StartTLS request and before the handshake are never executed; the connection
   is closed (the STARTTLS command-injection class, CVE-2011-0411).
 * On ``starttls-required`` listeners, before TLS only Abandon, Unbind and a base-scope read
-  of the root DSE pass; every other request gets its own response type with
-  ``confidentialityRequired``.
+  of the root DSE pass; an anonymous simple bind is answered with success locally (the
+  session is anonymous anyway, and tools bind before reading the root DSE); every other
+  request gets its own response type with ``confidentialityRequired``.
 * Unbind ends the session; it is not forwarded.
 * Everything else is forwarded unchanged, and its message ID recorded as outstanding until
   its final response.  Responses for message IDs that are not outstanding are dropped;
@@ -318,11 +319,11 @@ class Session:
             return
         pending, self._pending = self._pending, []
         if isinstance(failure.value, NoUpstreamAvailable):
+            # Each URL's failure was logged by the dialer; this line is about the client.
             log.warn(
-                "{prefix} no upstream available for {count} request(s): {error}",
+                "{prefix} no upstream available: {count} request(s) answered unavailable",
                 prefix=self.prefix,
                 count=len(pending),
-                error=failure.value,
             )
         else:
             log.failure(
@@ -361,6 +362,12 @@ class Session:
         try:
             if op == m.SEARCH_REQUEST and m.is_root_dse_read(pdu):
                 return False
+            if op == m.BIND_REQUEST and m.is_anonymous_bind(pdu):
+                # Tools bind anonymously before reading the root DSE.  The session is
+                # anonymous already (nothing else can have passed before TLS), so the
+                # bind is answered here and never reaches the upstream.
+                self._client.write(m.result_message(message_id, m.BIND_RESPONSE, m.SUCCESS, ""))
+                return True
         except BerError:
             pass
         reply = m.error_for_request(

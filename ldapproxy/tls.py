@@ -68,29 +68,34 @@ def _base_context(min_version: str, ciphers: str) -> SSL.Context:
     return context
 
 
-def _load_pair(context: SSL.Context, certificate: Path, key: Path, where: str) -> None:
-    for setting, path in ((f"{where} certificate", certificate), (f"{where} private_key", key)):
+def _load_pair(
+    context: SSL.Context, certificate: Path, key: Path, cert_setting: str, key_setting: str
+) -> None:
+    """Load a certificate chain and its key into ``context``; errors name the setting."""
+    contents = {}
+    for setting, path in ((cert_setting, certificate), (key_setting, key)):
         try:
-            path.read_bytes()
+            contents[setting] = path.read_bytes()
         except OSError as error:
             raise TLSSetupError(f"{setting} = '{path}': cannot read: {error.strerror}") from None
     try:
         context.use_certificate_chain_file(str(certificate))
     except SSL.Error:
         raise TLSSetupError(
-            f"{where} certificate = '{certificate}': not a PEM certificate chain"
+            f"{cert_setting} = '{certificate}': not a PEM certificate chain"
         ) from None
     try:
-        context.use_privatekey_file(str(key))
-    except SSL.Error:
+        private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, contents[key_setting])
+    except (crypto.Error, ValueError, TypeError):
         raise TLSSetupError(
-            f"{where} private_key = '{key}': not a PEM private key (or it is encrypted)"
+            f"{key_setting} = '{key}': not a PEM private key (or it is encrypted)"
         ) from None
     try:
+        context.use_privatekey(private_key)
         context.check_privatekey()
     except SSL.Error:
         raise TLSSetupError(
-            f"{where} private_key = '{key}' does not match certificate = '{certificate}'"
+            f"{key_setting} = '{key}' does not match {cert_setting} = '{certificate}'"
         ) from None
 
 
@@ -102,7 +107,13 @@ class ServerTLS:
         if config.certificate is None or config.private_key is None:
             raise TLSSetupError("[tls] certificate and private_key are required")
         context = _base_context(config.min_version, config.ciphers)
-        _load_pair(context, config.certificate, config.private_key, "[tls]")
+        _load_pair(
+            context,
+            config.certificate,
+            config.private_key,
+            "[tls] certificate",
+            "[tls] private_key",
+        )
         context.set_session_id(b"ldapproxy")
         self._context = context
         self.certificate = crypto.load_certificate(
@@ -179,7 +190,13 @@ class UpstreamTLS:
         else:
             context.set_default_verify_paths()
         if config.client_certificate is not None and config.client_key is not None:
-            _load_pair(context, config.client_certificate, config.client_key, "[upstream] client_")
+            _load_pair(
+                context,
+                config.client_certificate,
+                config.client_key,
+                "[upstream] client_certificate",
+                "[upstream] client_key",
+            )
         self._context = context
         self._server_name = config.tls_server_name
 
@@ -232,12 +249,21 @@ class UpstreamVerifier:
             return True
         try:
             verify_service_identity(extract_patterns(cert), [self._service_id], [])
-        except (VerificationError, CertificateError) as error:
+        except (VerificationError, CertificateError):
             self.failure = (
-                f"hostname mismatch: certificate is not valid for {self.expected_name!r} ({error})"
+                f"hostname mismatch: certificate is not valid for {self.expected_name!r} "
+                f"(it names {_names_in(cert)})"
             )
             return False
         except Exception as error:
             self.failure = f"certificate check failed: {error}"
             return False
         return True
+
+
+def _names_in(cert: crypto.X509) -> str:
+    """The subjectAltNames of ``cert`` for a log line; never raises."""
+    try:
+        return ", ".join(PeerCertificate.from_x509(cert).sans) or "no subjectAltName"
+    except Exception:
+        return "unreadable subjectAltName"
