@@ -62,10 +62,14 @@ def extended_value(pdu: bytes) -> bytes | None:
 class RawClient:
     """A blocking LDAP connection that sends raw bytes and reads whole PDUs."""
 
-    def __init__(self, port: int, timeout: float = 10) -> None:
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
-            ("127.0.0.1", port), timeout=timeout
-        )
+    def __init__(self, port: int, timeout: float = 10, receive_buffer: int | None = None) -> None:
+        sock = socket.socket()
+        if receive_buffer is not None:
+            # Set before connecting, so the TCP window is negotiated small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.settimeout(timeout)
+        sock.connect(("127.0.0.1", port))
+        self.sock: socket.socket | ssl.SSLSocket = sock
         self._framer = Framer(2**30)
         self._frames: list[Frame] = []
 
