@@ -155,7 +155,7 @@ def tlv(tag: int, value: bytes) -> bytes:
 
 def encode_integer(value: int, tag: int = INTEGER) -> bytes:
     """A BER INTEGER (or ENUMERATED, with ``tag``), minimal two's complement."""
-    size = max(1, (value.bit_length() + 8) // 8)
+    size = (value + (value < 0)).bit_length() // 8 + 1
     return tlv(tag, value.to_bytes(size, "big", signed=True))
 
 

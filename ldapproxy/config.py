@@ -216,6 +216,10 @@ def _url(value: Any) -> UpstreamURL:
         )
     if not parts.hostname:
         raise _Bad(f"{text!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise _Bad(f"{text!r}: expected scheme://host[:port]; credentials don't belong in a URL")
+    if port == 0:
+        raise _Bad(f"{text!r}: port 0 is not a valid port")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise _Bad(f"{text!r}: expected scheme://host[:port] with no DN or options")
     default_port = 636 if scheme == "ldaps" else 389
@@ -404,7 +408,7 @@ def _check_keys(raw: Mapping[str, Any], section: str, where: str, path: Path) ->
 
 
 def _listeners(raw: Any, path: Path) -> tuple[ListenerConfig, ...]:
-    if raw is None:
+    if raw is None or raw == []:
         raise ConfigError(f"{path}: at least one [[listener]] is required")
     if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
         raise ConfigError(f"{path}: listener must be an array of tables, written [[listener]]")

@@ -144,8 +144,8 @@ class Session:
 
     @property
     def outstanding(self) -> int:
-        """How many operations await their final response."""
-        return len(self._outstanding)
+        """How many operations await their final response (abandoned ones excluded)."""
+        return len(self._outstanding) - len(self._abandoned)
 
     # -- client events ---------------------------------------------------------------------
 
@@ -191,6 +191,8 @@ class Session:
                     self._starttls(message_id, trailing)
                     return
             if self._refused_before_tls(frame):
+                if self.state is SessionState.CLOSING:
+                    return
                 continue
             if op == m.UNBIND_REQUEST:
                 self._forward(forward)
@@ -249,6 +251,9 @@ class Session:
 
     def upstream_frames(self, frames: list[Frame]) -> None:
         """Responses arrived from the upstream; pass on those that belong to this client."""
+        if self.state is SessionState.CLOSED:
+            return
+        self._last_activity = self._clock.seconds()
         out = []
         outstanding = self._outstanding
         for frame in frames:
@@ -273,7 +278,11 @@ class Session:
 
     def upstream_lost(self, reason: str) -> None:
         """The upstream connection broke while this session held it."""
-        self._upstream = None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            # Every acquired connection is released exactly once, broken ones included.
+            self._client.unlink(upstream)
+            self._source.release(upstream, clean=False)
         if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
             return
         log.warn("{prefix} upstream connection lost: {reason}", prefix=self.prefix, reason=reason)
@@ -332,6 +341,7 @@ class Session:
         replies = []
         for message_id, op, _ in pending:
             self._outstanding.pop(message_id, None)
+            self._abandoned.discard(message_id)
             reply = m.error_for_request(
                 message_id, op, m.UNAVAILABLE, "no upstream directory is available"
             )
@@ -398,7 +408,7 @@ class Session:
             )
         elif self.state is not SessionState.PLAINTEXT:
             self._reply_extended(message_id, m.OPERATIONS_ERROR, "TLS is already established")
-        elif self._outstanding:
+        elif self.outstanding:
             self._reply_extended(
                 message_id, m.OPERATIONS_ERROR, "StartTLS while operations are outstanding"
             )
@@ -439,7 +449,7 @@ class Session:
             return
         timeout = self._limits.idle_timeout
         idle_for = self._clock.seconds() - self._last_activity
-        if self._outstanding or self._acquiring is not None or idle_for < timeout:
+        if self.outstanding or self._acquiring is not None or idle_for < timeout:
             # Not idle: look again when it could first be.
             delay = timeout - idle_for if idle_for < timeout else timeout
             self._idle_timer = self._clock.callLater(delay, self._check_idle)
@@ -458,6 +468,9 @@ class Session:
         self.state = SessionState.CLOSING
         self._close_reason = why
         self._cancel_timers()
+        # Done with the upstream.  This also unlinks flow control: Twisted's TLS layer
+        # does not close a connection while a producer is registered on it.
+        self._release_upstream()
         if notice is not None:
             self._client.write(m.notice_of_disconnection(*notice))
         if abort:

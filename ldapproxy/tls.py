@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
@@ -85,8 +87,8 @@ def _load_pair(
             f"{cert_setting} = '{certificate}': not a PEM certificate chain"
         ) from None
     try:
-        private_key = crypto.load_privatekey(crypto.FILETYPE_PEM, contents[key_setting])
-    except (crypto.Error, ValueError, TypeError):
+        private_key = serialization.load_pem_private_key(contents[key_setting], password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise TLSSetupError(
             f"{key_setting} = '{key}': not a PEM private key (or it is encrypted)"
         ) from None
