@@ -143,6 +143,10 @@ class Session:
         return f"conn={self.id} {self.peer}"
 
     @property
+    def _ending(self) -> bool:
+        return self.state is SessionState.CLOSING or self.state is SessionState.CLOSED
+
+    @property
     def outstanding(self) -> int:
         """How many operations await their final response (abandoned ones excluded)."""
         return len(self._outstanding) - len(self._abandoned)
@@ -191,7 +195,7 @@ class Session:
                     self._starttls(message_id, trailing)
                     return
             if self._refused_before_tls(frame):
-                if self.state is SessionState.CLOSING:
+                if self._ending:
                     return
                 continue
             if op == m.UNBIND_REQUEST:

@@ -93,7 +93,8 @@ def _load_pair(
             f"{key_setting} = '{key}': not a PEM private key (or it is encrypted)"
         ) from None
     try:
-        context.use_privatekey(private_key)
+        # pyOpenSSL 26 takes cryptography keys (its PKey is deprecated); the stubs lag.
+        context.use_privatekey(private_key)  # type: ignore[arg-type]
         context.check_privatekey()
     except SSL.Error:
         raise TLSSetupError(
