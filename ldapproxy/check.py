@@ -8,6 +8,7 @@ from typing import IO, Any
 from twisted.internet import defer
 
 from ldapproxy.config import Config
+from ldapproxy.tls import PeerCertificate
 from ldapproxy.upstream import UpstreamDialer, UpstreamError
 
 
@@ -26,22 +27,22 @@ def check_upstreams(
             connection = yield dialer.connect_url(url)
         except UpstreamError as error:
             all_good = False
-            out.write(f"  reachable: {'no' if _unreachable(error.reason) else 'yes'}\n")
+            out.write(f"  reachable: {'yes' if error.reachable else 'no'}\n")
+            _certificate(error.certificate, out)
             out.write(f"  verification: FAILED: {error.reason}\n")
             continue
-        cert = connection.peer_certificate
         out.write("  reachable: yes\n")
         out.write(f"  tls: {connection.tls_version} {connection.cipher}\n")
-        if cert is not None:
-            out.write(f"  subject: {cert.subject}\n")
-            out.write(f"  issuer: {cert.issuer}\n")
-            out.write(f"  sans: {', '.join(cert.sans) or '(none)'}\n")
-            out.write(f"  expires: {cert.not_after.isoformat()}\n")
+        _certificate(connection.peer_certificate, out)
         name = config.upstream.tls_server_name or url.host
         out.write(f"  verification: OK (chain trusted, certificate valid for {name!r})\n")
         connection.close()
     return all_good
 
 
-def _unreachable(reason: str) -> bool:
-    return reason.startswith(("cannot connect", "timed out"))
+def _certificate(cert: PeerCertificate | None, out: IO[str]) -> None:
+    if cert is not None:
+        out.write(f"  subject: {cert.subject}\n")
+        out.write(f"  issuer: {cert.issuer}\n")
+        out.write(f"  sans: {', '.join(cert.sans) or '(none)'}\n")
+        out.write(f"  expires: {cert.not_after.isoformat()}\n")

@@ -178,7 +178,12 @@ def _endpoint(value: Any) -> str:
     # Parse now (nothing is bound) so a typo fails at startup with the key named.
     from twisted.internet import endpoints
 
-    kind = text.split(":", 1)[0]
+    kind = text.split(":", 1)[0].lower()
+    if kind in ("ssl", "tls"):
+        raise _Bad(
+            f"{kind}: endpoints bypass the proxy's TLS policy; "
+            'use a tcp: endpoint with tls = "ldaps"'
+        )
     if kind == "systemd":
         # Adopting an inherited socket reads the environment; checked when listening.
         return text
@@ -351,7 +356,10 @@ def load(path: Path) -> Config:
 
 
 def parse(document: Mapping[str, Any], path: Path) -> Config:
-    """Validate an already-parsed TOML document that came from ``path``."""
+    """Validate an already-parsed TOML document that came from ``path``.
+
+    Relative file names in it are taken relative to the directory of ``path``.
+    """
     for section in document:
         if section not in _SECTIONS:
             raise ConfigError(
@@ -359,8 +367,8 @@ def parse(document: Mapping[str, Any], path: Path) -> Config:
                 + ", ".join(f"[{s}]" for s in _SECTIONS)
             )
     listeners = _listeners(document.get("listener"), path)
-    tls = ServerTLSConfig(**_table(document, "tls", path))
-    upstream = _table(document, "upstream", path)
+    tls = ServerTLSConfig(**_resolve(_table(document, "tls", path), path))
+    upstream = _resolve(_table(document, "upstream", path), path)
     if bool(upstream["client_certificate"]) != bool(upstream["client_key"]):
         raise ConfigError(
             f"{path}: [upstream] client_certificate and client_key must be set together"
@@ -375,6 +383,14 @@ def parse(document: Mapping[str, Any], path: Path) -> Config:
             f"{first.name!r} (tls = {first.tls.value!r})"
         )
     return config
+
+
+def _resolve(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Make the relative file names among ``values`` relative to the config's directory."""
+    base = path.parent
+    return {
+        k: base / v if isinstance(v, Path) and not v.is_absolute() else v for k, v in values.items()
+    }
 
 
 def _table(document: Mapping[str, Any], section: str, path: Path) -> dict[str, Any]:

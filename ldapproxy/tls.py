@@ -65,7 +65,7 @@ def _base_context(min_version: str, ciphers: str) -> SSL.Context:
         context.set_cipher_list((ciphers or DEFAULT_CIPHERS).encode("ascii"))
     except (SSL.Error, UnicodeEncodeError):
         raise TLSSetupError(
-            f"ciphers = {ciphers!r}: no usable cipher in that OpenSSL cipher string"
+            f"[tls] ciphers = {ciphers!r}: no usable cipher in that OpenSSL cipher string"
         ) from None
     return context
 
@@ -242,14 +242,16 @@ class UpstreamVerifier:
         # Exceptions raised in an OpenSSL callback get lost; this must not raise.
         if depth == 0:
             self.leaf = cert
-        if not ok:
-            if self.failure is None:
-                self.failure = _VERIFY_REASONS.get(
-                    errno, f"certificate verification failed (X509 error {errno})"
-                )
-            return False
+        if not ok and self.failure is None:
+            self.failure = _VERIFY_REASONS.get(
+                errno, f"certificate verification failed (X509 error {errno})"
+            )
         if depth != 0:
+            # Walk on to the leaf even past a failure, so the leaf is seen and reported;
+            # the verdict is given at depth 0 (and checked again when the handshake ends).
             return True
+        if self.failure is not None:
+            return False
         try:
             verify_service_identity(extract_patterns(cert), [self._service_id], [])
         except (VerificationError, CertificateError):

@@ -51,10 +51,20 @@ class UpstreamState(enum.Enum):
 class UpstreamError(Exception):
     """Connecting to one upstream URL failed; ``str(error)`` names the URL and reason."""
 
-    def __init__(self, url: UpstreamURL, reason: str) -> None:
+    def __init__(
+        self,
+        url: UpstreamURL,
+        reason: str,
+        reachable: bool = False,
+        certificate: PeerCertificate | None = None,
+    ) -> None:
         super().__init__(f"{url}: {reason}")
         self.url = url
         self.reason = reason
+        #: Whether the TCP connection was established (the failure came later).
+        self.reachable = reachable
+        #: The upstream's certificate, if it got far enough to send one.
+        self.certificate = certificate
 
 
 class NoUpstreamAvailable(Exception):
@@ -128,6 +138,10 @@ class UpstreamProtocol(Protocol):
         self._start_tls()
 
     def handshakeCompleted(self) -> None:
+        if self._verifier.failure is not None or self._verifier.leaf is None:
+            # Defence in depth: the verify callback already refused this handshake.
+            self._fail(self._verifier.failure or "no certificate from the upstream")
+            return
         handle = self.transport.getHandle()  # type: ignore[union-attr]
         self.tls_version = handle.get_protocol_version_name()
         self.cipher = handle.get_cipher_name()
@@ -139,6 +153,16 @@ class UpstreamProtocol(Protocol):
     def _fail(self, reason: str) -> None:
         self._close_reason = reason
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def error(self, reason: str) -> UpstreamError:
+        """An :class:`UpstreamError` for this connection attempt, with what was learnt."""
+        leaf = self._verifier.leaf
+        return UpstreamError(
+            self.url,
+            reason,
+            reachable=self.transport is not None,
+            certificate=PeerCertificate.from_x509(leaf) if leaf is not None else None,
+        )
 
     def _cancel(self, _: defer.Deferred[UpstreamProtocol]) -> None:
         self._close_reason = "timed out"
@@ -185,7 +209,7 @@ class UpstreamProtocol(Protocol):
         if previous is not UpstreamState.READY:
             why = self._verifier.failure or self._close_reason or _describe(reason, previous)
             if not self.ready.called:
-                self.ready.errback(UpstreamError(self.url, why))
+                self.ready.errback(self.error(why))
             return
         sink, self._sink = self._sink, None
         if sink is not None:
@@ -234,9 +258,11 @@ class UpstreamDialer:
             if isinstance(failure.value, UpstreamError):
                 return failure
             if isinstance(failure.value, defer.TimeoutError | defer.CancelledError):
-                raise UpstreamError(url, f"timed out after {self._config.connect_timeout:g} s")
-            error = failure.value
-            raise UpstreamError(url, f"cannot connect: {error}")
+                stage = protocol.state.value if protocol.transport is not None else "connect"
+                raise protocol.error(
+                    f"timed out after {self._config.connect_timeout:g} s (during {stage})"
+                )
+            raise protocol.error(f"cannot connect: {failure.value}")
 
         ready: defer.Deferred[UpstreamProtocol] = connecting.addCallback(connected)
         ready.addTimeout(self._config.connect_timeout, self._clock)

@@ -132,8 +132,10 @@ def test_check_connect_fails_on_bad_upstreams(
     assert result.returncode == 1
     good, bad = result.stdout.split(slapd.ldaps_url + "\n", 1)[1].split(dead + "\n", 1)
     assert "reachable: yes" in good
+    assert "subject: CN=localhost" in good, "the certificate is shown even when untrusted"
     assert "verification: FAILED: unknown CA" in good
     assert "reachable: no" in bad
+    assert "verification: FAILED: cannot connect" in bad
 
 
 def test_sigterm_exits_zero(tmp_path: Path, ca: CertificateAuthority, slapd: Slapd) -> None:
