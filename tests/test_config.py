@@ -460,3 +460,23 @@ def test_invalid_toml_is_named_with_its_position(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith(f"{path}: not valid TOML: ")
     assert "line 4" in message
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    """Relative file names resolve against the configuration file's directory."""
+    text = (
+        '[[listener]]\nendpoint = "tcp:389"\n[tls]\ncertificate = "certs/proxy.pem"\n'
+        'private_key = "/abs/proxy.key"\n[upstream]\nurls = ["ldaps://dc1"]\nca_file = "ca.pem"\n'
+    )
+    loaded = config.load(write(tmp_path, text))
+    assert loaded.tls.certificate == tmp_path / "certs" / "proxy.pem"
+    assert loaded.tls.private_key == Path("/abs/proxy.key")
+    assert loaded.upstream.ca_file == tmp_path / "ca.pem"
+
+
+@pytest.mark.parametrize("endpoint", ["ssl:636:privateKey=k.pem", "tls:dc1:636", "SSL:636"])
+def test_tls_endpoint_types_are_refused(tmp_path: Path, endpoint: str) -> None:
+    """ssl:/tls: endpoints would bypass the proxy's TLS policy, so they are refused."""
+    text = f"[[listener]]\nendpoint = '{endpoint}'\ntls = 'none'\n" + UPSTREAM
+    with pytest.raises(ConfigError, match=r"endpoint = .*use a tcp: endpoint with tls = \"ldaps\""):
+        config.load(write(tmp_path, text))
