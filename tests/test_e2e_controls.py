@@ -27,10 +27,10 @@ from support.compare import (
     SEARCH_RESULT_ENTRY,
     SEARCH_RESULT_REFERENCE,
     SYNC_REQUEST_OID,
-    Outcome,
-    Pdu,
     Route,
     Stack,
+    assert_same,
+    by_message_id,
     control,
     equals,
     extended,
@@ -87,19 +87,6 @@ def stack(ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory) ->
 def route(request: pytest.FixtureRequest, stack: Stack) -> Route:
     """Each proxy listener in turn (``-ZZ`` on the StartTLS ones)."""
     return stack.route(request.param)
-
-
-def assert_same(direct: Outcome, proxied: Outcome) -> None:
-    assert proxied.returncode == direct.returncode, (direct, proxied)
-    assert proxied.stdout == direct.stdout
-    assert proxied.stderr == direct.stderr
-
-
-def by_message_id(pdus: list[Pdu]) -> dict[int, list[bytes]]:
-    grouped: dict[int, list[bytes]] = {}
-    for pdu in pdus:
-        grouped.setdefault(pdu.message_id, []).append(pdu.raw)
-    return grouped
 
 
 # -- content synchronisation (RFC 4533) ----------------------------------------------------

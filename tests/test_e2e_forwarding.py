@@ -31,6 +31,8 @@ from support.compare import (
     Route,
     Stack,
     abandon,
+    assert_same,
+    by_message_id,
     control,
     equals,
     extended,
@@ -95,13 +97,6 @@ def stack(ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory) ->
 def route(request: pytest.FixtureRequest, stack: Stack) -> Route:
     """Each proxy listener in turn (``-ZZ`` on the StartTLS ones)."""
     return stack.route(request.param)
-
-
-def assert_same(direct: Outcome, proxied: Outcome) -> None:
-    """Exit status, stdout and stderr are identical through the proxy and directly."""
-    assert proxied.returncode == direct.returncode, (direct, proxied)
-    assert proxied.stdout == direct.stdout
-    assert proxied.stderr == direct.stderr
 
 
 def exists(stack: Stack, dn: str) -> bool:
@@ -443,14 +438,6 @@ def _message_ids(requests: bytes) -> list[int]:
         ids.append(int.from_bytes(requests[id_start:id_end], "big"))
         pos = end
     return ids
-
-
-def by_message_id(pdus: list[Pdu]) -> dict[int, list[bytes]]:
-    """Raw responses grouped by message ID, in arrival order within each operation."""
-    grouped: dict[int, list[bytes]] = {}
-    for pdu in pdus:
-        grouped.setdefault(pdu.message_id, []).append(pdu.raw)
-    return grouped
 
 
 def test_pipelined_message_ids_preserved(stack: Stack, route: Route) -> None:

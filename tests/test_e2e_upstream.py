@@ -11,11 +11,11 @@ import pytest
 from support.ldaptools import run_ldap_tool
 from support.net import free_port
 from support.proxy import Listener, proxy_config
-from support.rawldap import RawClient, simple_bind, whoami
+from support.rawldap import RawClient, simple_bind, subtree_search, whoami
 from support.slapd import ADMIN_DN, ADMIN_PASSWORD, ALICE_DN, USERS, Slapd
 
 from ldapproxy import messages as m
-from ldapproxy.ber import OCTET_STRING, encode_integer, encode_message, tlv
+from ldapproxy.ber import OCTET_STRING, encode_integer, tlv
 from ldapproxy.pki import CertificateAuthority
 
 SYNC_REQUEST_OID = b"1.3.6.1.4.1.4203.1.9.1.1"
@@ -143,23 +143,13 @@ def test_no_upstream_reachable_answers_unavailable_and_keeps_session(
 
 def persistent_search(message_id: int, base: str) -> bytes:
     """A subtree search with the syncrepl refreshAndPersist control (RFC 4533)."""
-    body = (
-        tlv(OCTET_STRING, base.encode())
-        + encode_integer(2, 0x0A)
-        + encode_integer(0, 0x0A)
-        + encode_integer(0)
-        + encode_integer(0)
-        + tlv(0x01, b"\x00")
-        + tlv(0x87, b"objectClass")
-        + tlv(0x30, b"")
-    )
     control = tlv(
         0x30,
         tlv(OCTET_STRING, SYNC_REQUEST_OID)
         + tlv(0x01, b"\xff")
         + tlv(OCTET_STRING, tlv(0x30, encode_integer(3, 0x0A))),
     )
-    return encode_message(message_id, tlv(m.SEARCH_REQUEST, body), tlv(0xA0, control))
+    return subtree_search(message_id, base, tlv(0xA0, control))
 
 
 def test_upstream_dying_mid_search_sends_notice(

@@ -543,3 +543,18 @@ class RawClient:
                 break
             received.append(pdu)
         return received
+
+
+def assert_same(direct: Outcome, proxied: Outcome) -> None:
+    """Exit status, stdout and stderr are identical through the proxy and directly."""
+    assert proxied.returncode == direct.returncode, (direct, proxied)
+    assert proxied.stdout == direct.stdout
+    assert proxied.stderr == direct.stderr
+
+
+def by_message_id(pdus: list[Pdu]) -> dict[int, list[bytes]]:
+    """Raw responses grouped by message ID, in arrival order within each operation."""
+    grouped: dict[int, list[bytes]] = {}
+    for pdu in pdus:
+        grouped.setdefault(pdu.message_id, []).append(pdu.raw)
+    return grouped

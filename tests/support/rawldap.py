@@ -26,8 +26,9 @@ def starttls(message_id: int) -> bytes:
     return m.extended_request(message_id, m.STARTTLS_OID)
 
 
-def subtree_search(message_id: int, base: str) -> bytes:
-    """A subtree search with filter (objectClass=*) returning all user attributes."""
+def subtree_search(message_id: int, base: str, controls: bytes = b"") -> bytes:
+    """A subtree search with filter (objectClass=*) returning all user attributes;
+    ``controls`` is the encoded [0] Controls element, if any."""
     body = (
         tlv(OCTET_STRING, base.encode())
         + encode_integer(2, 0x0A)
@@ -38,7 +39,7 @@ def subtree_search(message_id: int, base: str) -> bytes:
         + tlv(0x87, b"objectClass")
         + tlv(0x30, b"")
     )
-    return encode_message(message_id, tlv(m.SEARCH_REQUEST, body))
+    return encode_message(message_id, tlv(m.SEARCH_REQUEST, body), controls)
 
 
 def extended_value(pdu: bytes) -> bytes | None:
