@@ -73,6 +73,19 @@ class UpstreamConfig:
     client_certificate: Path | None
     client_key: Path | None
     connect_timeout: float
+    strategy: str
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The ``[pool]`` table: upstream connections kept per upstream URL."""
+
+    min_idle: int
+    max_size: int
+    acquire_timeout: float
+    idle_timeout: float
+    max_lifetime: float
+    health_check_interval: float
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,7 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     tls: ServerTLSConfig
     upstream: UpstreamConfig
+    pool: PoolConfig
     limits: LimitsConfig
 
 
@@ -150,6 +164,17 @@ def _positive_number(value: Any) -> float:
     if not math.isfinite(value) or value <= 0:
         raise _Bad("expected a number of seconds greater than 0")
     return float(value)
+
+
+def _count(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad("expected an integer")
+        if not minimum <= value <= 100_000:
+            raise _Bad(f"expected an integer from {minimum} to 100000")
+        return value
+
+    return parse
 
 
 def _pdu_size(value: Any) -> int:
@@ -313,6 +338,55 @@ OPTIONS: tuple[Option, ...] = (
         _positive_number,
     ),
     Option(
+        "upstream",
+        "strategy",
+        "failover",
+        "failover (the first healthy URL, in order) or round-robin (every healthy URL in turn).",
+        _choice("failover", "round-robin"),
+    ),
+    Option(
+        "pool",
+        "min_idle",
+        4,
+        "Warm, idle connections kept ready per upstream URL.",
+        _count(0),
+    ),
+    Option(
+        "pool",
+        "max_size",
+        200,
+        "Most connections per upstream URL (leased, idle and being opened).",
+        _count(1),
+    ),
+    Option(
+        "pool",
+        "acquire_timeout",
+        5.0,
+        "Seconds a new session waits for a free connection before it is answered busy (51).",
+        _positive_number,
+    ),
+    Option(
+        "pool",
+        "idle_timeout",
+        300,
+        "Seconds after which idle connections beyond min_idle are closed.",
+        _positive_number,
+    ),
+    Option(
+        "pool",
+        "max_lifetime",
+        3600,
+        "Seconds after which a connection is replaced (staggered over the last quarter).",
+        _positive_number,
+    ),
+    Option(
+        "pool",
+        "health_check_interval",
+        30,
+        "Seconds between root DSE reads on idle connections, and the pace of the checks.",
+        _positive_number,
+    ),
+    Option(
         "limits",
         "max_pdu_bytes",
         1048576,
@@ -335,7 +409,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 
-_SECTIONS = ("listener", "tls", "upstream", "limits")
+_SECTIONS = ("listener", "tls", "upstream", "pool", "limits")
 
 
 def load(path: Path) -> Config:
@@ -373,8 +447,13 @@ def parse(document: Mapping[str, Any], path: Path) -> Config:
         raise ConfigError(
             f"{path}: [upstream] client_certificate and client_key must be set together"
         )
+    pool = PoolConfig(**_table(document, "pool", path))
+    if pool.min_idle > pool.max_size:
+        raise ConfigError(
+            f"{path}: [pool] min_idle = {pool.min_idle} is larger than max_size = {pool.max_size}"
+        )
     limits = LimitsConfig(**_table(document, "limits", path))
-    config = Config(path, listeners, tls, UpstreamConfig(**upstream), limits)
+    config = Config(path, listeners, tls, UpstreamConfig(**upstream), pool, limits)
     needs_tls = [lc for lc in listeners if lc.tls is not ListenerTLS.NONE]
     if needs_tls and not (tls.certificate and tls.private_key):
         first = needs_tls[0]

@@ -85,6 +85,11 @@ RESPONSE_TAGS: frozenset[int] = FINAL_RESPONSES | {
 STARTTLS_OID = b"1.3.6.1.4.1.1466.20037"
 NOTICE_OF_DISCONNECTION_OID = b"1.3.6.1.4.1.1466.20036"
 WHOAMI_OID = b"1.3.6.1.4.1.4203.1.11.3"
+PASSWORD_MODIFY_OID = b"1.3.6.1.4.1.4203.1.11.1"
+CANCEL_OID = b"1.3.6.1.1.8"
+REFRESH_OID = b"1.3.6.1.4.1.1466.101.119.1"
+
+PAGED_RESULTS_OID = b"1.2.840.113556.1.4.319"
 
 # -- result codes (RFC 4511 Appendix A, plus the cancel codes of RFC 3909) -------------------
 
@@ -93,6 +98,7 @@ OPERATIONS_ERROR = 1
 PROTOCOL_ERROR = 2
 ADMIN_LIMIT_EXCEEDED = 11
 CONFIDENTIALITY_REQUIRED = 13
+SASL_BIND_IN_PROGRESS = 14
 BUSY = 51
 UNAVAILABLE = 52
 UNWILLING_TO_PERFORM = 53
@@ -203,6 +209,12 @@ def extended_request(message_id: int, oid: bytes, value: bytes | None = None) ->
     return encode_message(message_id, tlv(EXTENDED_REQUEST, body))
 
 
+def anonymous_bind_request(message_id: int) -> bytes:
+    """An anonymous simple BindRequest (RFC 4513 §5.1.1): version 3, empty name and password."""
+    body = encode_integer(3) + tlv(OCTET_STRING, b"") + tlv(0x80, b"")
+    return encode_message(message_id, tlv(BIND_REQUEST, body))
+
+
 def unbind_request(message_id: int) -> bytes:
     """An UnbindRequest."""
     return encode_message(message_id, bytes((UNBIND_REQUEST, 0)))
@@ -296,6 +308,53 @@ def is_anonymous_bind(pdu: bytes) -> bool:
         return False
     auth_tag, auth_start, auth_end = read_tlv(pdu, name_end, end)
     return auth_tag == 0x80 and auth_end == auth_start
+
+
+def request_control_oids(pdu: bytes) -> list[bytes]:
+    """The controlType of every control on an LDAPMessage, in order (usually none)."""
+    _, start, end = read_tlv(pdu, 0, len(pdu))
+    _, _, id_end = read_tlv(pdu, start, end)
+    _, _, op_end = read_tlv(pdu, id_end, end)
+    if op_end == end:
+        return []
+    tag, pos, controls_end = read_tlv(pdu, op_end, end)
+    if tag != 0xA0:
+        raise BerError("expected [0] Controls after the protocolOp")
+    oids = []
+    while pos < controls_end:
+        _, control_start, control_end = read_tlv(pdu, pos, controls_end)
+        oid_tag, oid_start, oid_end = read_tlv(pdu, control_start, control_end)
+        if oid_tag != OCTET_STRING:
+            raise BerError("control without a controlType")
+        oids.append(pdu[oid_start:oid_end])
+        pos = control_end
+    return oids
+
+
+def paged_results_cookie(pdu: bytes) -> bytes | None:
+    """The cookie of the paged-results control (RFC 2696) on a response, if it has one."""
+    _, start, end = read_tlv(pdu, 0, len(pdu))
+    _, _, id_end = read_tlv(pdu, start, end)
+    _, _, op_end = read_tlv(pdu, id_end, end)
+    if op_end == end:
+        return None
+    _, pos, controls_end = read_tlv(pdu, op_end, end)
+    while pos < controls_end:
+        _, control_start, control_end = read_tlv(pdu, pos, controls_end)
+        _, oid_start, oid_end = read_tlv(pdu, control_start, control_end)
+        if pdu[oid_start:oid_end] == PAGED_RESULTS_OID:
+            element = oid_end
+            while element < control_end:
+                tag, value_start, value_end = read_tlv(pdu, element, control_end)
+                if tag == OCTET_STRING:
+                    _, seq_start, seq_end = read_tlv(pdu, value_start, value_end)
+                    _, _, size_end = read_tlv(pdu, seq_start, seq_end)
+                    _, cookie_start, cookie_end = read_tlv(pdu, size_end, seq_end)
+                    return pdu[cookie_start:cookie_end]
+                element = value_end
+            return None
+        pos = control_end
+    return None
 
 
 def abandon_target(pdu: bytes) -> int:

@@ -1,4 +1,4 @@
-"""Assembles the proxy from a configuration: TLS contexts, the upstream source and the
+"""Assembles the proxy from a configuration: TLS contexts, the upstream pool and the
 listeners, as one Twisted service."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from ldapproxy.client import ClientFactory
 from ldapproxy.config import Config, ListenerTLS
+from ldapproxy.pool import Pool
 from ldapproxy.tls import ServerTLS, UpstreamTLS
 from ldapproxy.upstream import UpstreamDialer
 
@@ -39,6 +40,14 @@ class ProxyService(MultiService):
         self.server_tls = ServerTLS(config.tls) if needs_tls else None
         self.upstream_tls = UpstreamTLS(config.upstream)
         self.dialer = UpstreamDialer(reactor, reactor, config.upstream, self.upstream_tls)
+        self.pool = Pool(
+            config.upstream.urls,
+            config.pool,
+            config.upstream.strategy,
+            self.dialer.connect_url,
+            reactor,
+            check_timeout=config.upstream.connect_timeout,
+        )
         self.ports: dict[str, IListeningPort] = {}
 
     @defer.inlineCallbacks
@@ -46,7 +55,7 @@ class ProxyService(MultiService):
         """Bind every listener, in order; on any failure, close those already bound."""
         for listener in self.config.listeners:
             factory = ClientFactory(
-                listener, self.config.limits, self._reactor, self.dialer, self.server_tls
+                listener, self.config.limits, self._reactor, self.pool, self.server_tls
             )
             try:
                 endpoint = endpoints.serverFromString(self._reactor, listener.endpoint)  # type: ignore[no-untyped-call]
@@ -74,6 +83,12 @@ class ProxyService(MultiService):
         ports, self.ports = list(self.ports.values()), {}
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.pool.start()
+
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]
-        return self.close_listeners()
+        closed = self.close_listeners()
+        self.pool.stop()
+        return closed

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from ldapproxy import messages as m
 from ldapproxy.ber import BerError, Frame, Framer, FramingError, PDUTooLarge
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
+from ldapproxy.pool import Disposition, PoolBusy
 from ldapproxy.upstream import NoUpstreamAvailable, UpstreamProtocol
 
 log = Logger(namespace="ldapproxy.session")
@@ -94,11 +95,54 @@ class UpstreamSource(Protocol):
     def acquire(self) -> defer.Deferred[UpstreamProtocol]:
         """A READY upstream connection for one session."""
 
-    def release(self, connection: UpstreamProtocol, clean: bool) -> None:
-        """The session is done with ``connection``; ``clean`` if nothing is in flight."""
+    def release(self, connection: UpstreamProtocol, disposition: Disposition) -> None:
+        """The session is done with ``connection``; ``disposition`` says if it can be reused."""
 
 
 _PLAINTEXT_ALLOWED = frozenset({m.ABANDON_REQUEST, m.UNBIND_REQUEST})
+
+#: Extended operations that leave no state on the connection beyond their own answer, so a
+#: connection that ran them can be reused.  Any other one makes the connection unreusable
+#: (e.g. transactions, RFC 5805): the proxy cannot reset what it does not know.
+_STATELESS_EXTENDED = frozenset(
+    {
+        m.WHOAMI_OID,
+        m.PASSWORD_MODIFY_OID,
+        m.CANCEL_OID,
+        m.REFRESH_OID,
+    }
+)
+
+#: Request controls that leave no state on the connection.  Any other control (server-side
+#: sort and VLV keep per-connection sort state in slapd, for instance) makes the connection
+#: unreusable.  Paged results are tracked separately: reusable once the last page is read.
+_STATELESS_CONTROLS = frozenset(
+    {
+        b"2.16.840.1.113730.3.4.2",  # ManageDsaIT (RFC 3296)
+        b"2.16.840.1.113730.3.4.18",  # proxied authorization v2 (RFC 4370), per operation
+        b"1.3.6.1.1.12",  # assertion (RFC 4528)
+        b"1.2.826.0.1.3344810.2.3",  # matched values (RFC 3876)
+        b"1.3.6.1.1.13.1",  # pre-read (RFC 4527)
+        b"1.3.6.1.1.13.2",  # post-read (RFC 4527)
+        b"1.3.6.1.4.1.4203.1.10.1",  # subentries (RFC 3672)
+        b"1.3.6.1.4.1.4203.666.5.12",  # relax rules
+        b"1.3.6.1.4.1.4203.1.10.2",  # no-op
+        b"1.3.6.1.4.1.4203.666.5.2",  # OpenLDAP noop
+        b"1.2.840.113556.1.4.1413",  # AD permissive modify
+        b"1.2.840.113556.1.4.805",  # AD tree delete
+        b"1.2.840.113556.1.4.417",  # AD show deleted
+        b"1.2.840.113556.1.4.2064",  # AD show recycled
+        b"1.2.840.113556.1.4.801",  # AD security descriptor flags
+        b"1.2.840.113556.1.4.1339",  # AD domain scope
+        b"1.2.840.113556.1.4.1340",  # AD search options
+        b"1.2.840.113556.1.4.529",  # AD extended DN
+        b"1.2.840.113556.1.4.619",  # AD lazy commit
+        b"1.2.840.113556.1.4.1504",  # AD attribute scoped query
+        b"1.2.840.113556.1.4.2239",  # AD policy hints
+        b"1.3.6.1.4.1.42.2.27.8.5.1",  # password policy request (draft-behera)
+        b"2.16.840.1.113730.3.4.15",  # authorization identity request (RFC 3829)
+    }
+)
 
 
 class Session:
@@ -132,6 +176,12 @@ class Session:
         self._acquiring: defer.Deferred[UpstreamProtocol] | None = None
         self._pending: list[Frame] = []
         self._notice_forwarded = False
+        # What the leased connection has seen, for its Disposition at release.
+        self._bound = False
+        self._stateful = False
+        self._sasl_in_progress = False
+        self._paged: set[int] = set()
+        self._paged_open = False
         self._close_reason: str | None = None
         self._last_activity = clock.seconds()
         self._idle_timer: IDelayedCall | None = None
@@ -178,6 +228,7 @@ class Session:
         forward: list[Frame] = []
         for index, frame in enumerate(frames):
             message_id, op, pdu = frame
+            oid = None
             if message_id == 0 or op in m.RESPONSE_TAGS:
                 self._violation(
                     "malformed LDAP message", f"message ID {message_id} with op 0x{op:02x}"
@@ -221,6 +272,13 @@ class Session:
                     return
                 self._abandoned.discard(message_id)
             self._outstanding[message_id] = op
+            if op == m.BIND_REQUEST:
+                self._bound = True
+            elif op == m.EXTENDED_REQUEST:
+                self._stateful |= oid not in _STATELESS_EXTENDED
+            elif op not in m.REQUEST_NAMES:
+                self._stateful = True
+            self._note_controls(message_id, pdu)
             forward.append(frame)
         self._forward(forward)
 
@@ -266,6 +324,11 @@ class Session:
                 if frame.op in m.FINAL_RESPONSES:
                     del outstanding[message_id]
                     self._abandoned.discard(message_id)
+                    if frame.op == m.BIND_RESPONSE:
+                        self._sasl_in_progress = _result(frame) == m.SASL_BIND_IN_PROGRESS
+                    elif message_id in self._paged:
+                        self._paged.discard(message_id)
+                        self._paged_open = _more_pages(frame)
                 out.append(frame.data)
             elif message_id == 0:
                 if frame.op == m.EXTENDED_RESPONSE and _is_notice(frame.data):
@@ -286,7 +349,7 @@ class Session:
         if upstream is not None:
             # Every acquired connection is released exactly once, broken ones included.
             self._client.unlink(upstream)
-            self._source.release(upstream, clean=False)
+            self._source.release(upstream, Disposition.CLOSE)
         if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
             return
         log.warn("{prefix} upstream connection lost: {reason}", prefix=self.prefix, reason=reason)
@@ -317,7 +380,7 @@ class Session:
     def _acquired(self, upstream: UpstreamProtocol) -> None:
         self._acquiring = None
         if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
-            self._source.release(upstream, clean=True)
+            self._source.release(upstream, Disposition.REUSE)
             return
         self._upstream = upstream
         upstream.attach(self)
@@ -331,14 +394,24 @@ class Session:
         if isinstance(failure.value, defer.CancelledError):
             return
         pending, self._pending = self._pending, []
-        if isinstance(failure.value, NoUpstreamAvailable):
-            # Each URL's failure was logged by the dialer; this line is about the client.
+        if isinstance(failure.value, PoolBusy):
+            code, diagnostic = m.BUSY, "all upstream connections are busy; try again"
+            log.warn(
+                "{prefix} {count} request(s) answered busy: {error}",
+                prefix=self.prefix,
+                count=len(pending),
+                error=failure.value,
+            )
+        elif isinstance(failure.value, NoUpstreamAvailable):
+            code, diagnostic = m.UNAVAILABLE, "no upstream directory is available"
+            # Each upstream's failure was logged by the pool; this line is about the client.
             log.warn(
                 "{prefix} no upstream available: {count} request(s) answered unavailable",
                 prefix=self.prefix,
                 count=len(pending),
             )
         else:
+            code, diagnostic = m.UNAVAILABLE, "no upstream directory is available"
             log.failure(
                 "{prefix} obtaining an upstream connection failed", failure, prefix=self.prefix
             )
@@ -346,9 +419,7 @@ class Session:
         for message_id, op, _ in pending:
             self._outstanding.pop(message_id, None)
             self._abandoned.discard(message_id)
-            reply = m.error_for_request(
-                message_id, op, m.UNAVAILABLE, "no upstream directory is available"
-            )
+            reply = m.error_for_request(message_id, op, code, diagnostic)
             if reply is not None:
                 replies.append(reply)
         if replies:
@@ -359,8 +430,28 @@ class Session:
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             self._client.unlink(upstream)
-            clean = not self._outstanding and not self._abandoned
-            self._source.release(upstream, clean)
+            self._source.release(upstream, self._disposition())
+
+    def _note_controls(self, message_id: int, pdu: bytes) -> None:
+        """Note request controls that leave state on the upstream connection."""
+        try:
+            oids = m.request_control_oids(pdu)
+        except BerError:
+            self._stateful = True  # the upstream will judge it; don't reuse the connection
+            return
+        for oid in oids:
+            if oid == m.PAGED_RESULTS_OID:
+                self._paged.add(message_id)
+            elif oid not in _STATELESS_CONTROLS:
+                self._stateful = True
+
+    def _disposition(self) -> Disposition:
+        """Whether the next session may use this session's upstream connection, and how."""
+        if self._outstanding or self._stateful or self._sasl_in_progress or self._paged_open:
+            return Disposition.CLOSE  # results may still come, or state we cannot reset
+        if self._bound:
+            return Disposition.RESET  # a Bind ran: back to anonymous before reuse
+        return Disposition.REUSE
 
     # -- local answers -----------------------------------------------------------------
 
@@ -487,6 +578,21 @@ class Session:
             if timer is not None and timer.active():
                 timer.cancel()
         self._idle_timer = self._handshake_timer = None
+
+
+def _result(frame: Frame) -> int:
+    try:
+        return m.result_code(frame.data)
+    except BerError:
+        return -1
+
+
+def _more_pages(frame: Frame) -> bool:
+    """Whether a paged search's final response leaves a continuation on the upstream."""
+    try:
+        return bool(m.paged_results_cookie(frame.data))
+    except BerError:
+        return True
 
 
 def _is_notice(pdu: bytes) -> bool:

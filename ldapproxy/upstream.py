@@ -13,12 +13,18 @@ mode.
 from __future__ import annotations
 
 import enum
-from collections.abc import Generator, Sequence
+import ipaddress
+from collections.abc import Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IHandshakeListener, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -175,6 +181,18 @@ class UpstreamProtocol(Protocol):
         """Deliver everything received from now on to ``sink``."""
         self._sink = sink
 
+    def exchange(self, pdu: bytes, message_id: int) -> defer.Deferred[list[Frame]]:
+        """Send one of the proxy's own requests (a reset bind, a health check) and collect
+        its responses up to and including the final one.
+
+        Only for a connection that no session holds.  Fails with :class:`ExchangeError` if
+        the upstream answers anything else or the connection is lost first.
+        """
+        done: defer.Deferred[list[Frame]] = defer.Deferred()
+        self.attach(_Exchange(message_id, done))
+        self.send(pdu)
+        return done
+
     def send(self, data: bytes) -> None:
         """Write client PDUs (already framed and checked) to the upstream."""
         self.transport.write(data)  # type: ignore[union-attr]
@@ -216,6 +234,36 @@ class UpstreamProtocol(Protocol):
             sink.upstream_lost(self._close_reason or _describe(reason, previous))
 
 
+class ExchangeError(Exception):
+    """The proxy's own request on an upstream connection did not get its answer."""
+
+
+class _Exchange:
+    """Collects the responses to one of the proxy's own requests."""
+
+    def __init__(self, message_id: int, done: defer.Deferred[list[Frame]]) -> None:
+        self._message_id = message_id
+        self._done = done
+        self._frames: list[Frame] = []
+
+    def upstream_frames(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            if self._done.called:
+                return
+            if frame.message_id != self._message_id:
+                self._done.errback(
+                    ExchangeError(f"unexpected PDU for message ID {frame.message_id}")
+                )
+                return
+            self._frames.append(frame)
+            if frame.op in messages.FINAL_RESPONSES:
+                self._done.callback(self._frames)
+
+    def upstream_lost(self, reason: str) -> None:
+        if not self._done.called:
+            self._done.errback(ExchangeError(reason))
+
+
 def _describe(reason: Failure, state: UpstreamState) -> str:
     error = reason.value
     if state is UpstreamState.HANDSHAKE:
@@ -224,11 +272,19 @@ def _describe(reason: Failure, state: UpstreamState) -> str:
     return f"connection lost ({text})"
 
 
-class UpstreamDialer:
-    """Opens verified upstream connections, trying the configured URLs in order.
+def _endpoint(reactor: IReactorTCP, url: UpstreamURL, timeout: float) -> IStreamClientEndpoint:
+    """A TCP endpoint for ``url``; IP literals skip the (threaded) name resolution."""
+    try:
+        address = ipaddress.ip_address(url.host)
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, url.host, url.port, timeout=timeout)
+    if address.version == 6:
+        return endpoints.TCP6ClientEndpoint(reactor, url.host, url.port, timeout=timeout)  # type: ignore[no-untyped-call]
+    return endpoints.TCP4ClientEndpoint(reactor, url.host, url.port, timeout=timeout)
 
-    This is where sessions get their upstream connection; the pool builds on it.
-    """
+
+class UpstreamDialer:
+    """Opens verified upstream connections; the pool (and ``check --connect``) use it."""
 
     def __init__(
         self,
@@ -246,9 +302,7 @@ class UpstreamDialer:
         """Connect to one URL; fails with :class:`UpstreamError`."""
         verifier = self._tls.creator(url.host)
         protocol = UpstreamProtocol(url, verifier)
-        endpoint = endpoints.HostnameEndpoint(
-            self._reactor, url.host, url.port, timeout=self._config.connect_timeout
-        )
+        endpoint = _endpoint(self._reactor, url, self._config.connect_timeout)
         connecting: defer.Deferred[Any] = endpoints.connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
 
         def connected(_: object) -> defer.Deferred[UpstreamProtocol]:
@@ -268,21 +322,3 @@ class UpstreamDialer:
         ready.addTimeout(self._config.connect_timeout, self._clock)
         ready.addErrback(failed)
         return ready
-
-    @defer.inlineCallbacks
-    def acquire(self) -> Generator[defer.Deferred[Any], Any, UpstreamProtocol]:
-        """Connect to the first URL that works; fails with :class:`NoUpstreamAvailable`."""
-        errors: list[UpstreamError] = []
-        for url in self._config.urls:
-            try:
-                protocol: UpstreamProtocol = yield self.connect_url(url)
-            except UpstreamError as error:
-                log.warn("upstream {url} unavailable: {reason}", url=str(url), reason=error.reason)
-                errors.append(error)
-            else:
-                return protocol
-        raise NoUpstreamAvailable(errors)
-
-    def release(self, connection: UpstreamProtocol, clean: bool) -> None:
-        """A session is done with ``connection``.  Without a pool it is simply closed."""
-        connection.close()

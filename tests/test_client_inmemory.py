@@ -39,6 +39,7 @@ from ldapproxy.ber import Frame, Framer
 from ldapproxy.client import ClientFactory, ClientProtocol
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS, ServerTLSConfig
 from ldapproxy.pki import CertificateAuthority
+from ldapproxy.pool import Disposition
 from ldapproxy.session import SessionState
 from ldapproxy.tls import ServerTLS
 
@@ -339,7 +340,7 @@ def test_ldaps_listener_runs_tls_from_the_first_byte(
     assert conn.client.lost is not None
     assert conn.server.session.state is SessionState.CLOSED
     assert upstream.sent == [search_request(3)]
-    assert conn.source.released == [(upstream, True)]
+    assert conn.source.released == [(upstream, Disposition.REUSE)]
 
 
 def _upstream_lost(conn: Connection, upstream: FakeUpstream) -> None:

@@ -70,8 +70,8 @@ def test_unverifiable_upstream_is_never_used(
     config, (listener,) = proxy_config(
         tmp_path, ca, [upstream.ldaps_url], listeners=plain_listener()
     )
-    proxy = run_proxy(config)
     seen_before = len(upstream.log_text())
+    proxy = run_proxy(config)
     result = whoami_alice(listener, upstream.ldap_env())
     assert result.returncode == 52, result
     assert "no upstream directory is available" in result.stderr
@@ -121,7 +121,7 @@ def test_urls_are_tried_in_order(
     proxy = run_proxy(config)
     result = whoami_alice(listener, slapd.ldap_env())
     assert result.returncode == 0, result.stderr
-    proxy.wait_for_log(re.escape(dead) + r" unavailable: cannot connect")
+    proxy.wait_for_log(r"upstream " + re.escape(dead) + r" is down: cannot connect")
 
 
 def test_no_upstream_reachable_answers_unavailable_and_keeps_session(

@@ -20,6 +20,7 @@ from support.fakes import (
 from ldapproxy import messages as m
 from ldapproxy.ber import Frame, encode_integer, encode_message, tlv
 from ldapproxy.config import ListenerTLS
+from ldapproxy.pool import Disposition
 from ldapproxy.session import SessionState
 
 IDLE = 900.0
@@ -510,21 +511,21 @@ def test_unbind_closes_and_releases_a_clean_upstream() -> None:
     assert upstream.sent == []
     assert h.client.calls() == ["close"]
     assert h.client.unlinked == [upstream]
-    assert h.source.released == [(upstream, True)]
+    assert h.source.released == [(upstream, Disposition.REUSE)]
     h.session.client_lost(connection_done())
-    assert h.source.released == [(upstream, True)], "released exactly once"
+    assert h.source.released == [(upstream, Disposition.REUSE)], "released exactly once"
     assert h.session.state is SessionState.CLOSED
 
 
 def test_unbind_with_an_operation_outstanding_releases_unclean() -> None:
-    """An upstream with an operation still in flight is released with clean=False."""
+    """An upstream with an operation still in flight is released to be closed."""
     h = make_session()
     upstream = h.connect_upstream()
     h.send(search_request(2), m.unbind_request(3))
     assert upstream.sent == [search_request(2)]
     assert h.client.calls() == ["close"]
     h.session.client_lost(connection_done())
-    assert h.source.released == [(upstream, False)]
+    assert h.source.released == [(upstream, Disposition.CLOSE)]
 
 
 def test_unbind_without_an_upstream_acquires_nothing() -> None:
@@ -544,7 +545,7 @@ def test_upstream_acquired_after_close_is_released_unused() -> None:
     upstream = h.source.succeed()
     assert upstream.sent == []
     assert upstream.sink is None
-    assert h.source.released == [(upstream, True)]
+    assert h.source.released == [(upstream, Disposition.REUSE)]
 
 
 # -- abandon -------------------------------------------------------------------------------
@@ -652,7 +653,7 @@ def test_upstream_lost_sends_unavailable_notice_and_closes() -> None:
     assert h.client.calls() == ["write", "close"]
     h.session.client_lost(connection_done())
     # Released exactly once, unclean, so a pool discards it instead of reusing it.
-    assert h.source.released == [(upstream, False)]
+    assert h.source.released == [(upstream, Disposition.CLOSE)]
 
 
 def test_upstream_notice_is_not_followed_by_a_second_one() -> None:
@@ -673,7 +674,7 @@ def test_proxy_initiated_close_releases_the_upstream_first() -> None:
     h.send(m.unbind_request(9))
     names = [e[0] for e in h.client.events]
     assert names[-2:] == ["unlink", "close"]
-    assert h.source.released == [(upstream, True)]
+    assert h.source.released == [(upstream, Disposition.REUSE)]
 
 
 def test_upstream_lost_after_the_client_closed_writes_nothing() -> None:
@@ -806,8 +807,10 @@ def test_client_lost_cancels_a_pending_acquire() -> None:
     assert h.clock.getDelayedCalls() == []
 
 
-@pytest.mark.parametrize(("outstanding", "clean"), [(False, True), (True, False)])
-def test_client_lost_releases_the_upstream(outstanding: bool, clean: bool) -> None:
+@pytest.mark.parametrize(
+    ("outstanding", "clean"), [(False, Disposition.REUSE), (True, Disposition.CLOSE)]
+)
+def test_client_lost_releases_the_upstream(outstanding: bool, clean: Disposition) -> None:
     """A vanished client releases its upstream, clean only if nothing was in flight."""
     h = make_session()
     upstream = h.connect_upstream()

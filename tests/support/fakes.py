@@ -31,6 +31,7 @@ from ldapproxy.ber import (
     tlv,
 )
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
+from ldapproxy.pool import Disposition
 from ldapproxy.session import Session
 from ldapproxy.upstream import NoUpstreamAvailable, UpstreamError
 
@@ -168,8 +169,8 @@ class FakeSource:
         #: One Deferred per ``acquire()`` call, in order.
         self.requests: list[defer.Deferred[Any]] = []
         self.cancelled: list[defer.Deferred[Any]] = []
-        #: ``(connection, clean)`` per ``release()`` call.
-        self.released: list[tuple[Any, bool]] = []
+        #: ``(connection, disposition)`` per ``release()`` call.
+        self.released: list[tuple[Any, Disposition]] = []
         #: If set, ``acquire()`` returns an already-fired Deferred with this connection.
         self.ready: Any = None
 
@@ -181,8 +182,8 @@ class FakeSource:
         self.requests.append(d)
         return d
 
-    def release(self, connection: Any, clean: bool) -> None:
-        self.released.append((connection, clean))
+    def release(self, connection: Any, disposition: Disposition) -> None:
+        self.released.append((connection, disposition))
 
     @property
     def acquiring(self) -> bool:

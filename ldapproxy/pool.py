@@ -1,0 +1,495 @@
+"""The upstream pool: verified TLS connections to each upstream URL, established ahead of
+demand, leased one per client session, reset before reuse, health-checked while idle,
+failed over, and recycled.
+
+What a session gives back decides what happens to the connection (:class:`Disposition`):
+
+* ``REUSE``: nothing is in flight and no Bind ran, so the connection is still anonymous;
+  it goes straight back to ``IDLE``.
+* ``RESET``: nothing is in flight but a Bind ran.  The pool sends an anonymous simple
+  Bind (RFC 4513 §5.1.1), waits for ``success``, and only then marks it ``IDLE``.  No
+  request of another session is sent before that answer, so no session ever runs under
+  the identity a previous session bound.
+* ``CLOSE``: an operation is outstanding or abandoned (its results may still come), a SASL
+  bind is in progress, the session used an operation or control whose connection state the proxy
+  cannot reset, or the connection broke.  It is closed and replaced.
+
+Each connection is in exactly one :class:`ConnectionState`; the same names are used in
+logs and metrics.  Each upstream URL is ``UNKNOWN`` until its first connection attempt
+ends, then ``UP`` or ``DOWN`` (:class:`UpstreamStatus`).  A ``DOWN`` upstream gets no new
+sessions while another one is up, and is probed with exponential backoff until a probe
+(a connection with verified TLS and a root DSE read) succeeds.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ldapproxy import messages as m
+from ldapproxy.ber import BerError, Frame
+from ldapproxy.config import PoolConfig, UpstreamURL
+from ldapproxy.upstream import (
+    NoUpstreamAvailable,
+    UpstreamError,
+    UpstreamProtocol,
+    UpstreamState,
+)
+
+log = Logger(namespace="ldapproxy.pool")
+
+# The pool's own requests run only on connections that no session holds and that have
+# nothing in flight, so any message ID is free.
+_CONTROL_MESSAGE_ID = 1
+
+# Probes of a DOWN upstream: 1 s, 2 s, 4 s, ... up to this many seconds apart.
+_MAX_BACKOFF = 60.0
+
+
+class ConnectionState(enum.Enum):
+    """Where one pooled upstream connection is in its life."""
+
+    CONNECTING = "connecting"
+    IDLE = "idle"
+    CHECKING = "checking"
+    RESETTING = "resetting"
+    ACTIVE = "active"
+
+
+class UpstreamStatus(enum.Enum):
+    """What the pool believes about one upstream URL."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+class Disposition(enum.Enum):
+    """What a session says about the connection it gives back (see the module docstring)."""
+
+    REUSE = "reuse"
+    RESET = "reset"
+    CLOSE = "close"
+
+
+class PoolBusy(Exception):
+    """No upstream connection became free within ``pool.acquire_timeout``."""
+
+
+@dataclass(frozen=True)
+class UpstreamStats:
+    """A snapshot of one upstream for metrics and logs, taken from the pool's own state."""
+
+    url: str
+    status: UpstreamStatus
+    connections: dict[ConnectionState, int]
+
+
+@dataclass(eq=False)
+class _Connection:
+    protocol: UpstreamProtocol
+    state: ConnectionState
+    expires: float
+    idle_since: float = 0.0
+
+
+@dataclass(eq=False)
+class _Upstream:
+    url: UpstreamURL
+    status: UpstreamStatus = UpstreamStatus.UNKNOWN
+    reason: str = ""
+    connections: list[_Connection] = field(default_factory=list)
+    failures: int = 0
+    probe: IDelayedCall | None = None
+    #: Connection attempts in flight (not yet a _Connection: nothing to lease).
+    connecting: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.connections) + self.connecting
+
+    def count(self, state: ConnectionState) -> int:
+        return sum(1 for c in self.connections if c.state is state)
+
+    def spare(self) -> int:
+        """Connections that are or will soon be IDLE (for min_idle)."""
+        return self.connecting + sum(
+            1 for c in self.connections if c.state is not ConnectionState.ACTIVE
+        )
+
+
+class _IdleSink:
+    """Watches a connection that no session holds: anything it says, or its loss, ends it."""
+
+    def __init__(self, pool: Pool, connection: _Connection) -> None:
+        self._pool = pool
+        self._connection = connection
+
+    def upstream_frames(self, frames: list[Frame]) -> None:
+        self._pool._discard(self._connection, "unsolicited PDU on an idle connection")
+
+    def upstream_lost(self, reason: str) -> None:
+        self._pool._discard(self._connection, reason)
+
+
+class Pool:
+    """Upstream connections for all sessions; implements ``UpstreamSource``.
+
+    ``connect`` opens one verified connection to a URL (``UpstreamDialer.connect_url``);
+    ``clock`` and ``rng`` are injected so tests control time and jitter.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[UpstreamURL],
+        config: PoolConfig,
+        strategy: str,
+        connect: Callable[[UpstreamURL], defer.Deferred[UpstreamProtocol]],
+        clock: IReactorTime,
+        check_timeout: float,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._upstreams = [_Upstream(url) for url in urls]
+        self._config = config
+        self._strategy = strategy
+        self._connect = connect
+        self._clock = clock
+        self._check_timeout = check_timeout
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._waiters: deque[defer.Deferred[UpstreamProtocol]] = deque()
+        self._cursor = 0
+        self._running = False
+        self._maintenance = task.LoopingCall(self._maintain)
+        self._maintenance.clock = clock
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Warm every upstream up to ``pool.min_idle`` and start the periodic checks."""
+        self._running = True
+        for upstream in self._upstreams:
+            self._replenish(upstream)
+        self._maintenance.start(self._config.health_check_interval, now=False)
+
+    def stop(self) -> None:
+        """Close every connection and fail every waiting session."""
+        self._running = False
+        if self._maintenance.running:
+            self._maintenance.stop()
+        for upstream in self._upstreams:
+            if upstream.probe is not None and upstream.probe.active():
+                upstream.probe.cancel()
+            for connection in list(upstream.connections):
+                self._remove(upstream, connection)
+                connection.protocol.close()
+        while self._waiters:
+            self._waiters.popleft().errback(NoUpstreamAvailable([]))
+
+    @property
+    def warm(self) -> bool:
+        """Whether every upstream's first connection attempts have ended (up or down)."""
+        return all(u.status is not UpstreamStatus.UNKNOWN for u in self._upstreams)
+
+    def stats(self) -> list[UpstreamStats]:
+        """The state of every upstream, read now (nothing is counted incrementally)."""
+        result = []
+        for upstream in self._upstreams:
+            counts = {state: upstream.count(state) for state in ConnectionState}
+            counts[ConnectionState.CONNECTING] += upstream.connecting
+            result.append(UpstreamStats(str(upstream.url), upstream.status, counts))
+        return result
+
+    # -- leasing -----------------------------------------------------------------------
+
+    def acquire(self) -> defer.Deferred[UpstreamProtocol]:
+        """A READY, anonymous connection for one session, leased until :meth:`release`.
+
+        Fails with :class:`NoUpstreamAvailable` when every upstream is down, and with
+        :class:`PoolBusy` when none frees up within ``pool.acquire_timeout``.
+        """
+        candidates = self._candidates()
+        if not candidates:
+            return defer.fail(NoUpstreamAvailable([_down_error(u) for u in self._upstreams]))
+        for upstream in candidates:
+            connection = self._take_idle(upstream)
+            if connection is not None:
+                return defer.succeed(connection.protocol)
+        waiter: defer.Deferred[UpstreamProtocol] = defer.Deferred(self._waiters.remove)
+        timer = self._clock.callLater(self._config.acquire_timeout, self._expire, waiter)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        waiter.addBoth(settled)
+        self._waiters.append(waiter)
+        self._grow()
+        return waiter
+
+    def release(self, protocol: UpstreamProtocol, disposition: Disposition) -> None:
+        """A session is done with ``protocol``; see :class:`Disposition`."""
+        found = self._find(protocol)
+        if found is None:
+            protocol.close()
+            return
+        upstream, connection = found
+        if (
+            disposition is Disposition.CLOSE
+            or protocol.state is not UpstreamState.READY
+            or upstream.status is UpstreamStatus.DOWN
+            or self._clock.seconds() >= connection.expires
+            or not self._running
+        ):
+            self._discard(connection, None)
+        elif disposition is Disposition.RESET:
+            self._reset(upstream, connection)
+        else:
+            self._idle(upstream, connection)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _candidates(self) -> list[_Upstream]:
+        """Upstreams new sessions may use, in the order the strategy prefers them."""
+        usable = [u for u in self._upstreams if u.status is not UpstreamStatus.DOWN]
+        if self._strategy == "failover" or not usable:
+            return usable
+        start = self._cursor % len(usable)
+        self._cursor += 1
+        return usable[start:] + usable[:start]
+
+    def _take_idle(self, upstream: _Upstream) -> _Connection | None:
+        for connection in reversed(upstream.connections):
+            if connection.state is ConnectionState.IDLE:
+                connection.state = ConnectionState.ACTIVE
+                return connection
+        return None
+
+    def _grow(self) -> None:
+        """Start enough connection attempts for the sessions that are waiting."""
+        in_flight = sum(u.connecting for u in self._upstreams)
+        missing = len(self._waiters) - in_flight
+        for upstream in self._candidates():
+            while missing > 0 and upstream.size < self._config.max_size:
+                self._open(upstream)
+                missing -= 1
+            if self._strategy == "failover":
+                break  # only the preferred upstream; others take over when it is DOWN
+
+    def _replenish(self, upstream: _Upstream) -> None:
+        """Keep ``pool.min_idle`` spare connections on an upstream that is not DOWN."""
+        if not self._running or upstream.status is UpstreamStatus.DOWN:
+            return
+        while upstream.spare() < self._config.min_idle and upstream.size < self._config.max_size:
+            self._open(upstream)
+
+    def _open(self, upstream: _Upstream) -> None:
+        upstream.connecting += 1
+        self._connect(upstream.url).addCallbacks(
+            self._opened, self._open_failed, callbackArgs=(upstream,), errbackArgs=(upstream,)
+        )
+
+    def _opened(self, protocol: UpstreamProtocol, upstream: _Upstream) -> None:
+        upstream.connecting -= 1
+        if not self._running:
+            protocol.close()
+            return
+        lifetime = self._config.max_lifetime * self._rng.uniform(0.75, 1.0)
+        connection = _Connection(
+            protocol, ConnectionState.CONNECTING, self._clock.seconds() + lifetime
+        )
+        upstream.connections.append(connection)
+        self._mark_up(upstream)
+        self._idle(upstream, connection)
+
+    def _open_failed(self, failure: Failure, upstream: _Upstream) -> None:
+        upstream.connecting -= 1
+        reason = (
+            failure.value.reason
+            if isinstance(failure.value, UpstreamError)
+            else failure.getErrorMessage()
+        )
+        self._mark_down(upstream, reason)
+        self._grow()
+        if not self._candidates():
+            self._fail_waiters()
+
+    def _idle(self, upstream: _Upstream, connection: _Connection) -> None:
+        """``connection`` is anonymous and free: give it to a waiting session, or keep it."""
+        connection.protocol.attach(_IdleSink(self, connection))
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            connection.state = ConnectionState.ACTIVE
+            waiter.callback(connection.protocol)
+            return
+        connection.state = ConnectionState.IDLE
+        connection.idle_since = self._clock.seconds()
+
+    def _reset(self, upstream: _Upstream, connection: _Connection) -> None:
+        connection.state = ConnectionState.RESETTING
+        bind = m.anonymous_bind_request(_CONTROL_MESSAGE_ID)
+        self._exchange(connection, bind, m.BIND_RESPONSE, "identity reset", upstream)
+
+    def _check(self, upstream: _Upstream, connection: _Connection) -> None:
+        connection.state = ConnectionState.CHECKING
+        search = m.root_dse_search(_CONTROL_MESSAGE_ID, (b"1.1",))
+        self._exchange(connection, search, m.SEARCH_RESULT_DONE, "health check", upstream)
+
+    def _exchange(
+        self,
+        connection: _Connection,
+        pdu: bytes,
+        final_op: int,
+        what: str,
+        upstream: _Upstream,
+    ) -> None:
+        done = connection.protocol.exchange(pdu, _CONTROL_MESSAGE_ID)
+        done.addTimeout(self._check_timeout, self._clock)
+
+        def answered(frames: list[Frame]) -> None:
+            final = frames[-1]
+            try:
+                code = m.result_code(final.data)
+            except BerError:
+                code = -1
+            if final.op != final_op or code != m.SUCCESS:
+                self._discard(connection, f"{what} refused: {m.result_name(code)} ({code})")
+            elif connection in upstream.connections:
+                self._idle(upstream, connection)
+
+        def failed(failure: Failure) -> None:
+            self._discard(connection, f"{what} failed: {failure.getErrorMessage() or 'timeout'}")
+
+        done.addCallbacks(answered, failed)
+
+    def _discard(self, connection: _Connection, reason: str | None) -> None:
+        """Close ``connection`` and replace it if needed; ``reason`` says why, if unplanned."""
+        found = self._find(connection.protocol)
+        if found is None:
+            return
+        upstream, _ = found
+        self._remove(upstream, connection)
+        if reason is not None:
+            log.info(
+                "upstream {url}: connection closed: {reason}", url=str(upstream.url), reason=reason
+            )
+        connection.protocol.close()
+        self._replenish(upstream)
+        self._grow()
+
+    def _remove(self, upstream: _Upstream, connection: _Connection) -> None:
+        if connection in upstream.connections:
+            upstream.connections.remove(connection)
+
+    def _find(self, protocol: UpstreamProtocol) -> tuple[_Upstream, _Connection] | None:
+        for upstream in self._upstreams:
+            for connection in upstream.connections:
+                if connection.protocol is protocol:
+                    return upstream, connection
+        return None
+
+    def _expire(self, waiter: defer.Deferred[UpstreamProtocol]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            waiter.errback(
+                PoolBusy(
+                    f"no upstream connection free within pool.acquire_timeout = "
+                    f"{self._config.acquire_timeout:g} s (pool.max_size = {self._config.max_size})"
+                )
+            )
+
+    def _fail_waiters(self) -> None:
+        errors = [_down_error(u) for u in self._upstreams]
+        while self._waiters:
+            self._waiters.popleft().errback(NoUpstreamAvailable(errors))
+
+    # -- health --------------------------------------------------------------------------
+
+    def _mark_up(self, upstream: _Upstream) -> None:
+        if upstream.status is not UpstreamStatus.UP:
+            if upstream.status is UpstreamStatus.DOWN:
+                log.info("upstream {url} is up again", url=str(upstream.url))
+            upstream.status = UpstreamStatus.UP
+            upstream.reason = ""
+            upstream.failures = 0
+            if upstream.probe is not None and upstream.probe.active():
+                upstream.probe.cancel()
+            upstream.probe = None
+            self._replenish(upstream)
+
+    def _mark_down(self, upstream: _Upstream, reason: str) -> None:
+        upstream.failures += 1
+        if upstream.status is not UpstreamStatus.DOWN:
+            log.warn("upstream {url} is down: {reason}", url=str(upstream.url), reason=reason)
+            upstream.status = UpstreamStatus.DOWN
+            upstream.reason = reason
+            # Idle connections to it are suspect; sessions holding one keep it.
+            for connection in list(upstream.connections):
+                if connection.state is not ConnectionState.ACTIVE:
+                    self._remove(upstream, connection)
+                    connection.protocol.close()
+        if self._running and (upstream.probe is None or not upstream.probe.active()):
+            delay = min(_MAX_BACKOFF, 2.0 ** (upstream.failures - 1))
+            upstream.probe = self._clock.callLater(delay, self._probe, upstream)
+
+    def _probe(self, upstream: _Upstream) -> None:
+        upstream.probe = None
+        if self._running and upstream.status is UpstreamStatus.DOWN and not upstream.connecting:
+            upstream.connecting += 1
+            self._connect(upstream.url).addCallbacks(
+                self._probed, self._open_failed, callbackArgs=(upstream,), errbackArgs=(upstream,)
+            )
+
+    def _probed(self, protocol: UpstreamProtocol, upstream: _Upstream) -> None:
+        """A probe connected with verified TLS; it counts as UP once it reads the root DSE."""
+        done = protocol.exchange(m.root_dse_search(_CONTROL_MESSAGE_ID, (b"1.1",)), 1)
+        done.addTimeout(self._check_timeout, self._clock)
+
+        def answered(frames: list[Frame]) -> None:
+            try:
+                ok = frames[-1].op == m.SEARCH_RESULT_DONE and m.result_code(frames[-1].data) == 0
+            except BerError:
+                ok = False
+            if ok:
+                self._opened(protocol, upstream)
+            else:
+                upstream.connecting -= 1
+                protocol.close()
+                self._mark_down(upstream, "health check refused")
+
+        def failed(failure: Failure) -> None:
+            upstream.connecting -= 1
+            protocol.close()
+            self._mark_down(upstream, f"health check failed: {failure.getErrorMessage()}")
+
+        done.addCallbacks(answered, failed)
+
+    def _maintain(self) -> None:
+        """Every ``pool.health_check_interval``: check idle connections, retire old ones."""
+        now = self._clock.seconds()
+        for upstream in self._upstreams:
+            idle = [c for c in upstream.connections if c.state is ConnectionState.IDLE]
+            spare = len(idle)
+            for connection in idle:
+                if now >= connection.expires or (
+                    spare > self._config.min_idle
+                    and now - connection.idle_since >= self._config.idle_timeout
+                ):
+                    self._discard(connection, None)
+                    spare -= 1
+                else:
+                    self._check(upstream, connection)
+            self._replenish(upstream)
+
+
+def _down_error(upstream: _Upstream) -> UpstreamError:
+    return UpstreamError(upstream.url, upstream.reason or upstream.status.value)
