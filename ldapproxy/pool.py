@@ -100,6 +100,8 @@ class _Connection:
     state: ConnectionState
     expires: float
     idle_since: float = 0.0
+    #: When the last health check started.
+    checked: float = 0.0
 
 
 @dataclass(eq=False)
@@ -216,7 +218,7 @@ class Pool:
         Fails with :class:`NoUpstreamAvailable` when every upstream is down, and with
         :class:`PoolBusy` when none frees up within ``pool.acquire_timeout``.
         """
-        candidates = self._candidates()
+        candidates = self._candidates(turn=True)
         if not candidates:
             return defer.fail(NoUpstreamAvailable([_down_error(u) for u in self._upstreams]))
         for upstream in candidates:
@@ -258,13 +260,17 @@ class Pool:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _candidates(self) -> list[_Upstream]:
-        """Upstreams new sessions may use, in the order the strategy prefers them."""
+    def _candidates(self, turn: bool = False) -> list[_Upstream]:
+        """Upstreams new sessions may use, in the order the strategy prefers them.
+
+        ``turn`` moves round-robin on to the next upstream (once per acquire).
+        """
         usable = [u for u in self._upstreams if u.status is not UpstreamStatus.DOWN]
         if self._strategy == "failover" or not usable:
             return usable
         start = self._cursor % len(usable)
-        self._cursor += 1
+        if turn:
+            self._cursor += 1
         return usable[start:] + usable[:start]
 
     def _take_idle(self, upstream: _Upstream) -> _Connection | None:
@@ -313,18 +319,16 @@ class Pool:
 
     def _open_failed(self, failure: Failure, upstream: _Upstream) -> None:
         upstream.connecting -= 1
-        reason = (
-            failure.value.reason
-            if isinstance(failure.value, UpstreamError)
-            else failure.getErrorMessage()
-        )
-        self._mark_down(upstream, reason)
+        self._mark_down(upstream, _reason(failure))
         self._grow()
         if not self._candidates():
             self._fail_waiters()
 
-    def _idle(self, upstream: _Upstream, connection: _Connection) -> None:
-        """``connection`` is anonymous and free: give it to a waiting session, or keep it."""
+    def _idle(self, upstream: _Upstream, connection: _Connection, fresh: bool = True) -> None:
+        """``connection`` is anonymous and free: give it to a waiting session, or keep it.
+
+        ``fresh`` is False after a health check, which does not count as use.
+        """
         connection.protocol.attach(_IdleSink(self, connection))
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -332,17 +336,20 @@ class Pool:
             waiter.callback(connection.protocol)
             return
         connection.state = ConnectionState.IDLE
-        connection.idle_since = self._clock.seconds()
+        if fresh:
+            connection.idle_since = self._clock.seconds()
 
     def _reset(self, upstream: _Upstream, connection: _Connection) -> None:
         connection.state = ConnectionState.RESETTING
         bind = m.anonymous_bind_request(_CONTROL_MESSAGE_ID)
-        self._exchange(connection, bind, m.BIND_RESPONSE, "identity reset", upstream)
+        self._exchange(connection, bind, m.BIND_RESPONSE, "identity reset", upstream, fresh=True)
 
     def _check(self, upstream: _Upstream, connection: _Connection) -> None:
         connection.state = ConnectionState.CHECKING
         search = m.root_dse_search(_CONTROL_MESSAGE_ID, (b"1.1",))
-        self._exchange(connection, search, m.SEARCH_RESULT_DONE, "health check", upstream)
+        self._exchange(
+            connection, search, m.SEARCH_RESULT_DONE, "health check", upstream, fresh=False
+        )
 
     def _exchange(
         self,
@@ -351,6 +358,7 @@ class Pool:
         final_op: int,
         what: str,
         upstream: _Upstream,
+        fresh: bool,
     ) -> None:
         done = connection.protocol.exchange(pdu, _CONTROL_MESSAGE_ID)
         done.addTimeout(self._check_timeout, self._clock)
@@ -364,7 +372,7 @@ class Pool:
             if final.op != final_op or code != m.SUCCESS:
                 self._discard(connection, f"{what} refused: {m.result_name(code)} ({code})")
             elif connection in upstream.connections:
-                self._idle(upstream, connection)
+                self._idle(upstream, connection, fresh)
 
         def failed(failure: Failure) -> None:
             self._discard(connection, f"{what} failed: {failure.getErrorMessage() or 'timeout'}")
@@ -426,19 +434,22 @@ class Pool:
             upstream.probe = None
             self._replenish(upstream)
 
-    def _mark_down(self, upstream: _Upstream, reason: str) -> None:
-        upstream.failures += 1
+    def _mark_down(self, upstream: _Upstream, reason: str, probe: bool = False) -> None:
+        """Record a failed connection attempt, health check or probe of ``upstream``."""
+        if probe:
+            upstream.failures += 1
         if upstream.status is not UpstreamStatus.DOWN:
             log.warn("upstream {url} is down: {reason}", url=str(upstream.url), reason=reason)
             upstream.status = UpstreamStatus.DOWN
             upstream.reason = reason
+            upstream.failures = 0
             # Idle connections to it are suspect; sessions holding one keep it.
             for connection in list(upstream.connections):
                 if connection.state is not ConnectionState.ACTIVE:
                     self._remove(upstream, connection)
                     connection.protocol.close()
         if self._running and (upstream.probe is None or not upstream.probe.active()):
-            delay = min(_MAX_BACKOFF, 2.0 ** (upstream.failures - 1))
+            delay = min(_MAX_BACKOFF, 2.0**upstream.failures)
             upstream.probe = self._clock.callLater(delay, self._probe, upstream)
 
     def _probe(self, upstream: _Upstream) -> None:
@@ -446,8 +457,12 @@ class Pool:
         if self._running and upstream.status is UpstreamStatus.DOWN and not upstream.connecting:
             upstream.connecting += 1
             self._connect(upstream.url).addCallbacks(
-                self._probed, self._open_failed, callbackArgs=(upstream,), errbackArgs=(upstream,)
+                self._probed, self._probe_failed, callbackArgs=(upstream,), errbackArgs=(upstream,)
             )
+
+    def _probe_failed(self, failure: Failure, upstream: _Upstream) -> None:
+        upstream.connecting -= 1
+        self._mark_down(upstream, _reason(failure), probe=True)
 
     def _probed(self, protocol: UpstreamProtocol, upstream: _Upstream) -> None:
         """A probe connected with verified TLS; it counts as UP once it reads the root DSE."""
@@ -464,12 +479,12 @@ class Pool:
             else:
                 upstream.connecting -= 1
                 protocol.close()
-                self._mark_down(upstream, "health check refused")
+                self._mark_down(upstream, "health check refused", probe=True)
 
         def failed(failure: Failure) -> None:
             upstream.connecting -= 1
             protocol.close()
-            self._mark_down(upstream, f"health check failed: {failure.getErrorMessage()}")
+            self._mark_down(upstream, f"health check failed: {_reason(failure)}", probe=True)
 
         done.addCallbacks(answered, failed)
 
@@ -486,9 +501,18 @@ class Pool:
                 ):
                     self._discard(connection, None)
                     spare -= 1
-                else:
+                elif now - max(connection.idle_since, connection.checked) >= (
+                    self._config.health_check_interval
+                ):
+                    connection.checked = now
                     self._check(upstream, connection)
             self._replenish(upstream)
+
+
+def _reason(failure: Failure) -> str:
+    if isinstance(failure.value, UpstreamError):
+        return failure.value.reason
+    return failure.getErrorMessage() or type(failure.value).__name__
 
 
 def _down_error(upstream: _Upstream) -> UpstreamError:

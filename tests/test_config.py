@@ -50,6 +50,13 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "upstream.client_certificate": loaded.upstream.client_certificate,
         "upstream.client_key": loaded.upstream.client_key,
         "upstream.connect_timeout": loaded.upstream.connect_timeout,
+        "upstream.strategy": loaded.upstream.strategy,
+        "pool.min_idle": loaded.pool.min_idle,
+        "pool.max_size": loaded.pool.max_size,
+        "pool.acquire_timeout": loaded.pool.acquire_timeout,
+        "pool.idle_timeout": loaded.pool.idle_timeout,
+        "pool.max_lifetime": loaded.pool.max_lifetime,
+        "pool.health_check_interval": loaded.pool.health_check_interval,
         "limits.max_pdu_bytes": loaded.limits.max_pdu_bytes,
         "limits.idle_timeout": loaded.limits.idle_timeout,
         "limits.tls_handshake_timeout": loaded.limits.tls_handshake_timeout,
@@ -64,6 +71,13 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "upstream.client_certificate": None,
         "upstream.client_key": None,
         "upstream.connect_timeout": 5.0,
+        "upstream.strategy": "failover",
+        "pool.min_idle": 4,
+        "pool.max_size": 200,
+        "pool.acquire_timeout": 5.0,
+        "pool.idle_timeout": 300.0,
+        "pool.max_lifetime": 3600.0,
+        "pool.health_check_interval": 30.0,
         "limits.max_pdu_bytes": 1048576,
         "limits.idle_timeout": 900.0,
         "limits.tls_handshake_timeout": 10.0,
@@ -114,6 +128,15 @@ tls_server_name = "ldap.example.com"
 client_certificate = "/cc.pem"
 client_key = "/ck.pem"
 connect_timeout = 2.5
+strategy = "round-robin"
+
+[pool]
+min_idle = 0
+max_size = 3
+acquire_timeout = 0.25
+idle_timeout = 10
+max_lifetime = 20
+health_check_interval = 5
 
 [limits]
 max_pdu_bytes = 2048
@@ -135,7 +158,9 @@ tls_handshake_timeout = 0.5
         Path("/cc.pem"),
         Path("/ck.pem"),
         2.5,
+        "round-robin",
     )
+    assert loaded.pool == config.PoolConfig(0, 3, 0.25, 10.0, 20.0, 5.0)
     assert [str(u) for u in loaded.upstream.urls] == [
         "ldap://[::1]:1389",
         "ldaps://dc2.example.com:636",
@@ -164,7 +189,10 @@ ERRORS = [
     # sections and keys
     pytest.param(
         LISTENER + UPSTREAM + '[logging]\nlevel = "debug"\n',
-        ["unknown section [logging]", "expected one of [listener], [tls], [upstream], [limits]"],
+        [
+            "unknown section [logging]",
+            "expected one of [listener], [tls], [upstream], [pool], [limits]",
+        ],
         id="unknown-section",
     ),
     pytest.param(
@@ -479,4 +507,32 @@ def test_tls_endpoint_types_are_refused(tmp_path: Path, endpoint: str) -> None:
     """ssl:/tls: endpoints would bypass the proxy's TLS policy, so they are refused."""
     text = f"[[listener]]\nendpoint = '{endpoint}'\ntls = 'none'\n" + UPSTREAM
     with pytest.raises(ConfigError, match=r"endpoint = .*use a tcp: endpoint with tls = \"ldaps\""):
+        config.load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("pool", "expected"),
+    [
+        ("min_idle = 5\nmax_size = 2", "[pool] min_idle = 5 is larger than max_size = 2"),
+        ("min_idle = -1", "[pool] min_idle = -1: expected an integer from 0 to 100000"),
+        ("max_size = 0", "[pool] max_size = 0: expected an integer from 1 to 100000"),
+        ("max_size = true", "[pool] max_size = True: expected an integer"),
+        ("acquire_timeout = 0", "[pool] acquire_timeout = 0: expected a number of seconds"),
+        ("health_check_interval = 'often'", "[pool] health_check_interval = 'often'"),
+        ("size = 3", "[pool] unknown key 'size'"),
+    ],
+)
+def test_pool_errors_name_the_key(tmp_path: Path, pool: str, expected: str) -> None:
+    """Bad [pool] values fail with the file, the key and the value named."""
+    path = write(tmp_path, LISTENER + UPSTREAM + "[pool]\n" + pool + "\n")
+    with pytest.raises(ConfigError) as error:
+        config.load(path)
+    assert str(path) in str(error.value)
+    assert expected in str(error.value)
+
+
+def test_unknown_strategy_is_refused(tmp_path: Path) -> None:
+    """upstream.strategy accepts only failover and round-robin."""
+    text = LISTENER + UPSTREAM + 'strategy = "random"\n'
+    with pytest.raises(ConfigError, match=r"\[upstream\] strategy = 'random': expected one of"):
         config.load(write(tmp_path, text))
