@@ -192,7 +192,8 @@ class Pool:
                 upstream.probe.cancel()
             for connection in list(upstream.connections):
                 self._remove(upstream, connection)
-                connection.protocol.close()
+                # A session holding the connection hears of its loss and tells its client.
+                connection.protocol.close(notify=connection.state is ConnectionState.ACTIVE)
         while self._waiters:
             self._waiters.popleft().errback(NoUpstreamAvailable([]))
 
@@ -224,6 +225,7 @@ class Pool:
         for upstream in candidates:
             connection = self._take_idle(upstream)
             if connection is not None:
+                self._replenish(upstream)
                 return defer.succeed(connection.protocol)
         waiter: defer.Deferred[UpstreamProtocol] = defer.Deferred(self._waiters.remove)
         timer = self._clock.callLater(self._config.acquire_timeout, self._expire, waiter)
@@ -267,7 +269,9 @@ class Pool:
         """
         usable = [u for u in self._upstreams if u.status is not UpstreamStatus.DOWN]
         if self._strategy == "failover" or not usable:
-            return usable
+            # Failover: only the first upstream that is not DOWN serves sessions; the
+            # others keep their warm connections for when it fails.
+            return usable[:1]
         start = self._cursor % len(usable)
         if turn:
             self._cursor += 1
@@ -282,14 +286,13 @@ class Pool:
 
     def _grow(self) -> None:
         """Start enough connection attempts for the sessions that are waiting."""
-        in_flight = sum(u.connecting for u in self._upstreams)
-        missing = len(self._waiters) - in_flight
-        for upstream in self._candidates():
+        candidates = self._candidates()
+        # Attempts to DOWN upstreams (probes) will not serve sessions: don't count them.
+        missing = len(self._waiters) - sum(u.connecting for u in candidates)
+        for upstream in candidates:
             while missing > 0 and upstream.size < self._config.max_size:
                 self._open(upstream)
                 missing -= 1
-            if self._strategy == "failover":
-                break  # only the preferred upstream; others take over when it is DOWN
 
     def _replenish(self, upstream: _Upstream) -> None:
         """Keep ``pool.min_idle`` spare connections on an upstream that is not DOWN."""
@@ -306,7 +309,9 @@ class Pool:
 
     def _opened(self, protocol: UpstreamProtocol, upstream: _Upstream) -> None:
         upstream.connecting -= 1
-        if not self._running:
+        if not self._running or upstream.status is UpstreamStatus.DOWN:
+            # A DOWN upstream comes back only through a probe (which also reads the
+            # root DSE), not through an attempt that was already under way.
             protocol.close()
             return
         lifetime = self._config.max_lifetime * self._rng.uniform(0.75, 1.0)
@@ -330,7 +335,7 @@ class Pool:
         ``fresh`` is False after a health check, which does not count as use.
         """
         connection.protocol.attach(_IdleSink(self, connection))
-        while self._waiters:
+        while self._waiters and upstream in self._candidates():
             waiter = self._waiters.popleft()
             connection.state = ConnectionState.ACTIVE
             waiter.callback(connection.protocol)
@@ -475,6 +480,7 @@ class Pool:
             except BerError:
                 ok = False
             if ok:
+                self._mark_up(upstream)
                 self._opened(protocol, upstream)
             else:
                 upstream.connecting -= 1

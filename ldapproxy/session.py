@@ -180,8 +180,10 @@ class Session:
         self._bound = False
         self._stateful = False
         self._sasl_in_progress = False
-        self._paged: set[int] = set()
-        self._paged_open = False
+        #: Paged searches in flight: message ID -> whether it starts a new search.
+        self._paged: dict[int, bool] = {}
+        #: Paged searches whose last page the client has not read (server state remains).
+        self._paged_open = 0
         self._close_reason: str | None = None
         self._last_activity = clock.seconds()
         self._idle_timer: IDelayedCall | None = None
@@ -271,6 +273,9 @@ class Session:
                     )
                     return
                 self._abandoned.discard(message_id)
+                # The abandoned operation's results may still arrive under this ID, after
+                # the new one's: never hand this connection to another session.
+                self._stateful = True
             self._outstanding[message_id] = op
             if op == m.BIND_REQUEST:
                 self._bound = True
@@ -327,8 +332,7 @@ class Session:
                     if frame.op == m.BIND_RESPONSE:
                         self._sasl_in_progress = _result(frame) == m.SASL_BIND_IN_PROGRESS
                     elif message_id in self._paged:
-                        self._paged.discard(message_id)
-                        self._paged_open = _more_pages(frame)
+                        self._paged_done(self._paged.pop(message_id), frame)
                 out.append(frame.data)
             elif message_id == 0:
                 if frame.op == m.EXTENDED_RESPONSE and _is_notice(frame.data):
@@ -441,9 +445,20 @@ class Session:
             return
         for oid in oids:
             if oid == m.PAGED_RESULTS_OID:
-                self._paged.add(message_id)
+                try:
+                    self._paged[message_id] = not m.paged_results_cookie(pdu)
+                except BerError:
+                    self._stateful = True
             elif oid not in _STATELESS_CONTROLS:
                 self._stateful = True
+
+    def _paged_done(self, first_page: bool, frame: Frame) -> None:
+        """Count paged searches left open on the server (RFC 2696 cookies)."""
+        more = _more_pages(frame)
+        if first_page and more:
+            self._paged_open += 1
+        elif not first_page and not more:
+            self._paged_open = max(0, self._paged_open - 1)
 
     def _disposition(self) -> Disposition:
         """Whether the next session may use this session's upstream connection, and how."""

@@ -197,11 +197,15 @@ class UpstreamProtocol(Protocol):
         """Write client PDUs (already framed and checked) to the upstream."""
         self.transport.write(data)  # type: ignore[union-attr]
 
-    def close(self) -> None:
-        """Say goodbye politely (Unbind) and close the connection."""
+    def close(self, notify: bool = False) -> None:
+        """Say goodbye politely (Unbind) and close the connection.
+
+        With ``notify``, the attached sink still hears ``upstream_lost`` when it closes.
+        """
         if self.state is UpstreamState.CLOSED:
             return
-        self._sink = None
+        if not notify:
+            self._sink = None
         if self.state is UpstreamState.READY:
             self.transport.write(messages.unbind_request(_STARTTLS_MESSAGE_ID))  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]

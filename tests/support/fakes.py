@@ -362,3 +362,289 @@ def search_entry(message_id: int, dn: bytes = b"cn=entry,dc=example,dc=com") -> 
     """A SearchResultEntry with no attributes."""
     body = tlv(OCTET_STRING, dn) + tlv(SEQUENCE, b"")
     return encode_message(message_id, tlv(m.SEARCH_RESULT_ENTRY, body))
+
+
+# -- the pool's collaborators ------------------------------------------------------------
+#
+# :class:`FakeConnector` stands in for ``UpstreamDialer.connect_url``: every ``connect(url)``
+# returns a Deferred the test fires with :meth:`FakeConnector.succeed` (a new
+# :class:`FakePooledUpstream`) or :meth:`FakeConnector.fail`.  A :class:`FakePooledUpstream`
+# has the interface the pool uses (``exchange``, ``attach``, ``close``, ``state``) and
+# behaves like the real protocol: ``exchange`` attaches a collector for the answer, so
+# :meth:`FakePooledUpstream.deliver` answers it, and :meth:`FakePooledUpstream.lose`
+# reports the loss to whatever sink is attached.
+
+
+class _FakeExchange:
+    """What ``UpstreamProtocol.exchange`` attaches: collects one request's responses."""
+
+    def __init__(self, message_id: int, done: defer.Deferred[list[Frame]]) -> None:
+        self.message_id = message_id
+        self.done = done
+        self.frames: list[Frame] = []
+
+    def upstream_frames(self, frames: list[Frame]) -> None:
+        from ldapproxy.upstream import ExchangeError
+
+        for frame in frames:
+            if self.done.called:
+                return
+            if frame.message_id != self.message_id:
+                self.done.errback(ExchangeError(f"unexpected PDU for ID {frame.message_id}"))
+                return
+            self.frames.append(frame)
+            if frame.op in m.FINAL_RESPONSES:
+                self.done.callback(self.frames)
+
+    def upstream_lost(self, reason: str) -> None:
+        from ldapproxy.upstream import ExchangeError
+
+        if not self.done.called:
+            self.done.errback(ExchangeError(reason))
+
+
+class FakePooledUpstream:
+    """A READY upstream connection as the pool sees it; records exchanges and closes."""
+
+    def __init__(self, url: Any) -> None:
+        from ldapproxy.upstream import UpstreamState
+
+        self.url = url
+        self.state = UpstreamState.READY
+        self.sink: Any = None
+        #: ``(pdu, message_id)`` per ``exchange()`` call, in order.
+        self.exchanges: list[tuple[bytes, int]] = []
+        #: Everything written: exchange PDUs and what a session sent.
+        self.sent: list[bytes] = []
+        self.close_calls = 0
+        self.transport = StringTransport()
+
+    def __repr__(self) -> str:
+        return f"<FakePooledUpstream {self.url} #{id(self) % 10000}>"
+
+    # the UpstreamProtocol interface
+    def attach(self, sink: Any) -> None:
+        self.sink = sink
+
+    def exchange(self, pdu: bytes, message_id: int) -> defer.Deferred[list[Frame]]:
+        done: defer.Deferred[list[Frame]] = defer.Deferred()
+        self.exchanges.append((pdu, message_id))
+        self.sent.append(pdu)
+        self.attach(_FakeExchange(message_id, done))
+        return done
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close(self, notify: bool = False) -> None:
+        from ldapproxy.upstream import UpstreamState
+
+        self.close_calls += 1
+        self.notified_close = notify
+        sink, self.sink = self.sink, None
+        self.state = UpstreamState.CLOSED
+        if notify and sink is not None:
+            sink.upstream_lost("closed by the pool")
+
+    # driving and inspection
+    @property
+    def closed(self) -> bool:
+        return self.close_calls > 0
+
+    @property
+    def exchanging(self) -> bool:
+        """Whether an ``exchange()`` awaits its answer."""
+        return isinstance(self.sink, _FakeExchange) and not self.sink.done.called
+
+    def last_exchange(self) -> Frame:
+        """The request of the latest ``exchange()``, decoded."""
+        assert self.exchanges, "no exchange() was made"
+        (frame,) = decode(self.exchanges[-1][0])
+        return frame
+
+    def deliver(self, *pdus: bytes) -> None:
+        """PDUs arrive from the upstream, to whatever sink is attached."""
+        assert self.sink is not None, "nothing attached"
+        self.sink.upstream_frames(decode(b"".join(pdus)))
+
+    def answer(self, code: int = m.SUCCESS) -> None:
+        """Answer the pending exchange with its final response carrying ``code``."""
+        assert self.exchanging, "no exchange() awaits an answer"
+        request = self.last_exchange()
+        self.deliver(result(request.message_id, m.RESPONSE_FOR_REQUEST[request.op], code))
+
+    def lose(self, reason: str = "connection lost (test)") -> None:
+        """The connection breaks: the attached sink hears of it, as from connectionLost."""
+        from ldapproxy.upstream import UpstreamState
+
+        sink, self.sink = self.sink, None
+        self.state = UpstreamState.CLOSED
+        if sink is not None:
+            sink.upstream_lost(reason)
+
+
+@dataclass
+class Attempt:
+    """One ``connect(url)`` call of the pool."""
+
+    url: Any
+    deferred: defer.Deferred[Any]
+    at: float
+    upstream: FakePooledUpstream | None = None
+
+    @property
+    def pending(self) -> bool:
+        return not self.deferred.called
+
+
+class FakeConnector:
+    """The pool's ``connect``: each attempt is a Deferred the test fires."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.attempts: list[Attempt] = []
+
+    def connect(self, url: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.attempts.append(Attempt(url, d, self.clock.seconds()))
+        return d
+
+    def pending(self, url: Any = None) -> list[Attempt]:
+        """Attempts not yet fired (to ``url`` only, if given), oldest first."""
+        return [a for a in self.attempts if a.pending and (url is None or a.url == url)]
+
+    def count(self, url: Any = None) -> int:
+        """Attempts made so far (to ``url`` only, if given)."""
+        return sum(1 for a in self.attempts if url is None or a.url == url)
+
+    def succeed(self, url: Any = None) -> FakePooledUpstream:
+        """Complete the oldest pending attempt (to ``url``) with a new connection."""
+        pending = self.pending(url)
+        assert pending, f"no pending connect to {url}"
+        attempt = pending[0]
+        attempt.upstream = FakePooledUpstream(attempt.url)
+        attempt.deferred.callback(attempt.upstream)
+        return attempt.upstream
+
+    def succeed_all(self, url: Any = None) -> list[FakePooledUpstream]:
+        """Complete every pending attempt (to ``url``), oldest first."""
+        return [self.succeed(url) for _ in self.pending(url)]
+
+    def fail(self, url: Any = None, reason: str = "cannot connect: refused") -> None:
+        """Fail the oldest pending attempt (to ``url``) as the dialer does."""
+        pending = self.pending(url)
+        assert pending, f"no pending connect to {url}"
+        attempt = pending[0]
+        attempt.deferred.errback(UpstreamError(attempt.url, reason))
+
+    @property
+    def upstreams(self) -> list[FakePooledUpstream]:
+        """Every connection handed to the pool, in order."""
+        return [a.upstream for a in self.attempts if a.upstream is not None]
+
+
+class StubRandom:
+    """A ``random.Random`` stand-in: ``uniform()`` returns ``fractions`` in turn (cycling)."""
+
+    def __init__(self, *fractions: float) -> None:
+        self._fractions = fractions or (1.0,)
+        #: ``(a, b)`` per ``uniform()`` call.
+        self.calls: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        value = self._fractions[len(self.calls) % len(self._fractions)]
+        self.calls.append((a, b))
+        return value
+
+
+class Outcome:
+    """What a Deferred fired with; failures are consumed so none goes unhandled."""
+
+    def __init__(self, d: defer.Deferred[Any]) -> None:
+        self.fired = False
+        self.value: Any = None
+        self.failure: Failure | None = None
+        d.addCallbacks(self._ok, self._err)
+
+    def _ok(self, value: Any) -> None:
+        self.fired, self.value = True, value
+
+    def _err(self, failure: Failure) -> None:
+        self.fired, self.failure = True, failure
+
+    @property
+    def pending(self) -> bool:
+        return not self.fired
+
+    def result(self) -> Any:
+        """The value it succeeded with (fails the test otherwise)."""
+        assert self.fired, "still pending"
+        assert self.failure is None, f"failed: {self.failure.value!r}"
+        return self.value
+
+    def error(self) -> BaseException:
+        """The exception it failed with (fails the test otherwise)."""
+        assert self.fired, "still pending"
+        assert self.failure is not None, f"succeeded with {self.value!r}"
+        return self.failure.value
+
+
+@dataclass
+class PoolHarness:
+    """A pool, its connector and its clock."""
+
+    pool: Any
+    connector: FakeConnector
+    clock: Clock
+    rng: StubRandom
+
+    def acquire(self) -> Outcome:
+        """Call ``pool.acquire()`` and capture the result."""
+        return Outcome(self.pool.acquire())
+
+    def stats(self, index: int = 0) -> Any:
+        """The stats of upstream number ``index``."""
+        return self.pool.stats()[index]
+
+    def counts(self, index: int = 0) -> dict[str, int]:
+        """Non-zero connection counts of upstream ``index``, by state name."""
+        return {s.value: n for s, n in self.stats(index).connections.items() if n}
+
+    def answer_checks(self, code: int = m.SUCCESS) -> int:
+        """Answer every pending exchange on every connection; returns how many."""
+        answered = 0
+        for upstream in self.connector.upstreams:
+            if upstream.exchanging:
+                upstream.answer(code)
+                answered += 1
+        return answered
+
+
+def make_pool(
+    urls: Any,
+    strategy: str = "failover",
+    *,
+    min_idle: int = 1,
+    max_size: int = 3,
+    acquire_timeout: float = 5.0,
+    idle_timeout: float = 300.0,
+    max_lifetime: float = 3600.0,
+    health_check_interval: float = 30.0,
+    check_timeout: float = 4.0,
+    rng: StubRandom | None = None,
+    start: bool = True,
+) -> PoolHarness:
+    """A :class:`ldapproxy.pool.Pool` over a :class:`FakeConnector` and a Clock."""
+    from ldapproxy.config import PoolConfig
+    from ldapproxy.pool import Pool
+
+    clock = Clock()
+    connector = FakeConnector(clock)
+    rng = rng if rng is not None else StubRandom(1.0)
+    config = PoolConfig(
+        min_idle, max_size, acquire_timeout, idle_timeout, max_lifetime, health_check_interval
+    )
+    pool = Pool(urls, config, strategy, connector.connect, clock, check_timeout, rng=rng)  # type: ignore[arg-type]
+    if start:
+        pool.start()
+    return PoolHarness(pool, connector, clock, rng)
