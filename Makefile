@@ -40,14 +40,34 @@ test: system-deps $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check ldapproxy plugins tests
-	$(BIN)/ruff format --check ldapproxy plugins tests
+	$(BIN)/ruff check ldapproxy plugins tests bench
+	$(BIN)/ruff format --check ldapproxy plugins tests bench
 	$(BIN)/mypy ldapproxy
 	$(BIN)/mypy plugins
 
 format: $(STAMP)
-	$(BIN)/ruff format ldapproxy plugins tests
-	$(BIN)/ruff check --fix ldapproxy plugins tests
+	$(BIN)/ruff format ldapproxy plugins tests bench
+	$(BIN)/ruff check --fix ldapproxy plugins tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
+
+# `make bench`: direct slapd against the proxy, side by side, in one run (bench/README.rst).
+# The load generator is C against libldap: it needs a C compiler and libldap's headers.
+.PHONY: bench bench-deps
+BENCH_LOADGEN := bench/build/loadgen
+BENCH_CFLAGS ?= -O2 -g -Wall -Wextra
+
+bench-deps: system-deps
+	@if ! command -v $(CC) >/dev/null 2>&1 || ! test -f /usr/include/ldap.h || ! test -f /usr/include/lber.h; then \
+		echo "installing gcc, libc6-dev and libldap-dev with apt-get"; \
+		apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev libldap-dev >/dev/null \
+			|| DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev libldap2-dev >/dev/null; }; \
+	fi
+
+$(BENCH_LOADGEN): bench/loadgen.c | bench-deps
+	@mkdir -p $(@D)
+	$(CC) $(BENCH_CFLAGS) -o $@ $< -lldap -llber -lpthread
+
+bench: bench-deps $(STAMP) $(BENCH_LOADGEN)
+	$(BIN)/python bench/run.py

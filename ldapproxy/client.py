@@ -72,7 +72,7 @@ class ClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.session = self._make_session(self)
-        log.info(
+        log.debug(
             "{prefix} connected to listener {listener}",
             prefix=self.session.prefix,
             listener=self.session.listener.name,

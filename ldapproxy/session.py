@@ -185,7 +185,8 @@ class Session:
         #: Paged searches whose last page the client has not read (server state remains).
         self._paged_open = 0
         self._close_reason: str | None = None
-        self._last_activity = clock.seconds()
+        self._last_activity = self._started = clock.seconds()
+        self._requests = 0
         self._idle_timer: IDelayedCall | None = None
         self._handshake_timer: IDelayedCall | None = None
 
@@ -227,6 +228,7 @@ class Session:
         except FramingError as error:
             self._violation("malformed LDAP message", f"framing error: {error}")
             return
+        self._requests += len(frames)
         forward: list[Frame] = []
         for index, frame in enumerate(frames):
             message_id, op, pdu = frame
@@ -295,7 +297,7 @@ class Session:
         if self.state is SessionState.HANDSHAKE:
             self.state = SessionState.SECURE
             self.tls_version = version
-            log.info("{prefix} TLS established ({version})", prefix=self.prefix, version=version)
+            log.debug("{prefix} TLS established ({version})", prefix=self.prefix, version=version)
 
     def client_lost(self, reason: Failure) -> None:
         """The client connection is closed (by either side)."""
@@ -304,10 +306,16 @@ class Session:
             log.warn(
                 "{prefix} TLS handshake failed: {error}", prefix=self.prefix, error=_brief(reason)
             )
+        # The one line per session, at its end (its start is logged at debug level).
         log.info(
-            "{prefix} closed ({why})",
+            "{prefix} closed ({why}) on listener {listener} after {seconds:.3f} s, "
+            "{requests} request(s){tls}",
             prefix=self.prefix,
             why=self._close_reason or "client disconnected",
+            listener=self.listener.name,
+            seconds=self._clock.seconds() - self._started,
+            requests=self._requests,
+            tls=f", {self.tls_version}" if self.tls_version else "",
         )
         self._cancel_timers()
         if self._acquiring is not None:
