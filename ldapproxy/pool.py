@@ -14,11 +14,11 @@ What a session gives back decides what happens to the connection (:class:`Dispos
   bind is in progress, the session used an operation or control whose connection state the proxy
   cannot reset, or the connection broke.  It is closed and replaced.
 
-Each connection is in exactly one :class:`ConnectionState`; the same names are used in
-logs and metrics.  Each upstream URL is ``UNKNOWN`` until its first connection attempt
+Each connection is in exactly one :class:`ConnectionState`; :meth:`Pool.stats` reports
+them by these names.  Each upstream URL is ``UNKNOWN`` until its first connection attempt
 ends, then ``UP`` or ``DOWN`` (:class:`UpstreamStatus`).  A ``DOWN`` upstream gets no new
-sessions while another one is up, and is probed with exponential backoff until a probe
-(a connection with verified TLS and a root DSE read) succeeds.
+sessions, and is probed with exponential backoff until a probe (a connection with
+verified TLS and a root DSE read) succeeds.
 """
 
 from __future__ import annotations
@@ -284,6 +284,16 @@ class Pool:
                 return connection
         return None
 
+    def _serve_waiters(self) -> None:
+        """Give waiting sessions idle connections (after the candidates changed)."""
+        for upstream in self._candidates():
+            while self._waiters:
+                connection = self._take_idle(upstream)
+                if connection is None:
+                    break
+                self._waiters.popleft().callback(connection.protocol)
+            self._replenish(upstream)
+
     def _grow(self) -> None:
         """Start enough connection attempts for the sessions that are waiting."""
         candidates = self._candidates()
@@ -296,9 +306,13 @@ class Pool:
 
     def _replenish(self, upstream: _Upstream) -> None:
         """Keep ``pool.min_idle`` spare connections on an upstream that is not DOWN."""
-        if not self._running or upstream.status is UpstreamStatus.DOWN:
-            return
-        while upstream.spare() < self._config.min_idle and upstream.size < self._config.max_size:
+        # _open can fail synchronously and mark the upstream DOWN: test on every turn.
+        while (
+            self._running
+            and upstream.status is not UpstreamStatus.DOWN
+            and upstream.spare() < self._config.min_idle
+            and upstream.size < self._config.max_size
+        ):
             self._open(upstream)
 
     def _open(self, upstream: _Upstream) -> None:
@@ -313,6 +327,7 @@ class Pool:
             # A DOWN upstream comes back only through a probe (which also reads the
             # root DSE), not through an attempt that was already under way.
             protocol.close()
+            self._schedule_probe(upstream, 1.0)
             return
         lifetime = self._config.max_lifetime * self._rng.uniform(0.75, 1.0)
         connection = _Connection(
@@ -325,6 +340,7 @@ class Pool:
     def _open_failed(self, failure: Failure, upstream: _Upstream) -> None:
         upstream.connecting -= 1
         self._mark_down(upstream, _reason(failure))
+        self._serve_waiters()
         self._grow()
         if not self._candidates():
             self._fail_waiters()
@@ -453,13 +469,20 @@ class Pool:
                 if connection.state is not ConnectionState.ACTIVE:
                     self._remove(upstream, connection)
                     connection.protocol.close()
+        self._schedule_probe(upstream, min(_MAX_BACKOFF, 2.0**upstream.failures))
+
+    def _schedule_probe(self, upstream: _Upstream, delay: float) -> None:
         if self._running and (upstream.probe is None or not upstream.probe.active()):
-            delay = min(_MAX_BACKOFF, 2.0**upstream.failures)
             upstream.probe = self._clock.callLater(delay, self._probe, upstream)
 
     def _probe(self, upstream: _Upstream) -> None:
         upstream.probe = None
-        if self._running and upstream.status is UpstreamStatus.DOWN and not upstream.connecting:
+        if not self._running or upstream.status is not UpstreamStatus.DOWN:
+            return
+        if upstream.connecting:
+            # An attempt from before it went down is still under way; look again soon.
+            self._schedule_probe(upstream, 1.0)
+        else:
             upstream.connecting += 1
             self._connect(upstream.url).addCallbacks(
                 self._probed, self._probe_failed, callbackArgs=(upstream,), errbackArgs=(upstream,)
@@ -471,7 +494,8 @@ class Pool:
 
     def _probed(self, protocol: UpstreamProtocol, upstream: _Upstream) -> None:
         """A probe connected with verified TLS; it counts as UP once it reads the root DSE."""
-        done = protocol.exchange(m.root_dse_search(_CONTROL_MESSAGE_ID, (b"1.1",)), 1)
+        search = m.root_dse_search(_CONTROL_MESSAGE_ID, (b"1.1",))
+        done = protocol.exchange(search, _CONTROL_MESSAGE_ID)
         done.addTimeout(self._check_timeout, self._clock)
 
         def answered(frames: list[Frame]) -> None:
@@ -508,7 +532,7 @@ class Pool:
                     self._discard(connection, None)
                     spare -= 1
                 elif now - max(connection.idle_since, connection.checked) >= (
-                    self._config.health_check_interval
+                    0.9 * self._config.health_check_interval  # ticks fire a little late
                 ):
                     connection.checked = now
                     self._check(upstream, connection)

@@ -175,6 +175,7 @@ class Session:
         self._upstream: UpstreamProtocol | None = None
         self._acquiring: defer.Deferred[UpstreamProtocol] | None = None
         self._pending: list[Frame] = []
+        self._paused = False
         self._notice_forwarded = False
         # What the leased connection has seen, for its Disposition at release.
         self._bound = False
@@ -306,8 +307,9 @@ class Session:
             log.warn(
                 "{prefix} TLS handshake failed: {error}", prefix=self.prefix, error=_brief(reason)
             )
-        # The one line per session, at its end (its start is logged at debug level).
-        log.info(
+        # One line per session, at its end.  Debug level: at thousands of sessions a second
+        # it costs a tenth of the proxy's CPU; the audit log is the place for such records.
+        log.debug(
             "{prefix} closed ({why}) on listener {listener} after {seconds:.3f} s, "
             "{requests} request(s){tls}",
             prefix=self.prefix,
@@ -385,9 +387,13 @@ class Session:
             return
         self._pending.extend(frames)
         if self._acquiring is None:
-            self._client.pause_reading()
-            self._acquiring = self._source.acquire()
-            self._acquiring.addCallbacks(self._acquired, self._acquire_failed)
+            acquiring = self._source.acquire()
+            self._acquiring = acquiring
+            acquiring.addCallbacks(self._acquired, self._acquire_failed)
+            if self._acquiring is acquiring:
+                # Still waiting (the pool had nothing idle): read no more meanwhile.
+                self._paused = True
+                self._client.pause_reading()
 
     def _acquired(self, upstream: UpstreamProtocol) -> None:
         self._acquiring = None
@@ -399,7 +405,12 @@ class Session:
         self._client.link(upstream)
         pending, self._pending = self._pending, []
         self._forward(pending)
-        self._client.resume_reading()
+        self._resume()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._client.resume_reading()
 
     def _acquire_failed(self, failure: Failure) -> None:
         self._acquiring = None
@@ -436,7 +447,7 @@ class Session:
                 replies.append(reply)
         if replies:
             self._client.write(b"".join(replies))
-        self._client.resume_reading()
+        self._resume()
 
     def _release_upstream(self) -> None:
         upstream, self._upstream = self._upstream, None

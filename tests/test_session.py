@@ -106,12 +106,12 @@ def test_later_requests_use_the_held_upstream() -> None:
 
 
 def test_already_available_upstream_is_used_immediately() -> None:
-    """An acquire() that has already fired forwards at once and resumes reading."""
+    """An acquire() that has already fired forwards at once, without pausing the client."""
     h = make_session()
     h.source.ready = FakeUpstream()
     h.send(search_request(3))
     assert h.source.ready.sent == [search_request(3)]
-    assert h.client.calls() == ["pause", "link", "resume"]
+    assert h.client.calls() == ["link"]
 
 
 # -- responses -----------------------------------------------------------------------------
