@@ -305,7 +305,7 @@ OPTIONS: tuple[Option, ...] = (
         "upstream",
         "urls",
         _REQUIRED,
-        "Upstream directories, tried in order: ldaps:// (implicit TLS) or ldap:// (StartTLS).",
+        "Upstream directories: ldaps:// (implicit TLS) or ldap:// (StartTLS); see strategy.",
         _urls,
     ),
     Option(
@@ -383,7 +383,7 @@ OPTIONS: tuple[Option, ...] = (
         "pool",
         "health_check_interval",
         30,
-        "Seconds between root DSE reads on idle connections, and the pace of the checks.",
+        "Seconds between root DSE reads on each idle connection.",
         _positive_number,
     ),
     Option(

@@ -357,6 +357,17 @@ def paged_results_cookie(pdu: bytes) -> bytes | None:
     return None
 
 
+def is_sasl_bind(pdu: bytes) -> bool:
+    """Whether a BindRequest PDU uses SASL authentication (``sasl [3]``)."""
+    tag, start, end = _protocol_op(pdu)
+    if tag != BIND_REQUEST:
+        return False
+    _, _, version_end = read_tlv(pdu, start, end)
+    _, _, name_end = read_tlv(pdu, version_end, end)
+    auth_tag, _, _ = read_tlv(pdu, name_end, end)
+    return auth_tag == 0xA3
+
+
 def abandon_target(pdu: bytes) -> int:
     """The message ID that an AbandonRequest PDU abandons."""
     tag, start, end = _protocol_op(pdu)

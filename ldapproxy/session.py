@@ -3,7 +3,7 @@ the upstream sends back.
 
 A session is plain Python.  It talks to its client through :class:`ClientPort` (the
 client protocol implements it over a Twisted transport) and gets its upstream connection
-from an :class:`UpstreamSource` (the dialer now, the pool later), so all the policy below
+from an :class:`UpstreamSource` (the pool, :mod:`ldapproxy.pool`), so all the policy below
 is testable without sockets.
 
 Client states (:class:`SessionState`)::
@@ -181,10 +181,10 @@ class Session:
         self._bound = False
         self._stateful = False
         self._sasl_in_progress = False
-        #: Paged searches in flight: message ID -> whether it starts a new search.
-        self._paged: dict[int, bool] = {}
-        #: Paged searches whose last page the client has not read (server state remains).
-        self._paged_open = 0
+        #: Paged searches in flight: message ID -> the cookie the request carried.
+        self._paged: dict[int, bytes] = {}
+        #: Cookies of paged searches whose next page was not asked for (server state).
+        self._paged_open: set[bytes] = set()
         self._close_reason: str | None = None
         self._last_activity = self._started = clock.seconds()
         self._requests = 0
@@ -282,6 +282,9 @@ class Session:
             self._outstanding[message_id] = op
             if op == m.BIND_REQUEST:
                 self._bound = True
+                # A SASL bind may negotiate a security layer the proxy cannot speak,
+                # so the reset bind could not be sent: such a connection is not reused.
+                self._stateful |= _is_sasl(pdu)
             elif op == m.EXTENDED_REQUEST:
                 self._stateful |= oid not in _STATELESS_EXTENDED
             elif op not in m.REQUEST_NAMES:
@@ -465,19 +468,23 @@ class Session:
         for oid in oids:
             if oid == m.PAGED_RESULTS_OID:
                 try:
-                    self._paged[message_id] = not m.paged_results_cookie(pdu)
+                    self._paged[message_id] = m.paged_results_cookie(pdu) or b""
                 except BerError:
                     self._stateful = True
             elif oid not in _STATELESS_CONTROLS:
                 self._stateful = True
 
-    def _paged_done(self, first_page: bool, frame: Frame) -> None:
-        """Count paged searches left open on the server (RFC 2696 cookies)."""
-        more = _more_pages(frame)
-        if first_page and more:
-            self._paged_open += 1
-        elif not first_page and not more:
-            self._paged_open = max(0, self._paged_open - 1)
+    def _paged_done(self, request_cookie: bytes, frame: Frame) -> None:
+        """Track the paged searches left open on the server (RFC 2696 cookies): a page's
+        cookie is open until a request presents it; an unreadable one never closes."""
+        self._paged_open.discard(request_cookie)
+        try:
+            cookie = m.paged_results_cookie(frame.data)
+        except BerError:
+            self._stateful = True
+            return
+        if cookie:
+            self._paged_open.add(cookie)
 
     def _disposition(self) -> Disposition:
         """Whether the next session may use this session's upstream connection, and how."""
@@ -621,10 +628,9 @@ def _result(frame: Frame) -> int:
         return -1
 
 
-def _more_pages(frame: Frame) -> bool:
-    """Whether a paged search's final response leaves a continuation on the upstream."""
+def _is_sasl(pdu: bytes) -> bool:
     try:
-        return bool(m.paged_results_cookie(frame.data))
+        return m.is_sasl_bind(pdu)
     except BerError:
         return True
 

@@ -669,3 +669,45 @@ def test_decoders_raise_only_ber_error_on_garbage(data: bytes, flip: int) -> Non
         for decode_fn in (m.request_control_oids, m.paged_results_cookie):
             with contextlib.suppress(BerError):
                 decode_fn(candidate)
+
+
+def sasl_bind(message_id: int, mechanism: bytes = b"DIGEST-MD5") -> bytes:
+    """A BindRequest with SASL authentication (``sasl [3]``)."""
+    body = encode_integer(3) + tlv(OCTET_STRING, b"") + tlv(0xA3, tlv(OCTET_STRING, mechanism))
+    return encode_message(message_id, tlv(m.BIND_REQUEST, body))
+
+
+def test_completed_sasl_bind_closes_instead_of_resetting() -> None:
+    """A connection that ran a SASL bind is closed: a negotiated security layer would make
+    the plain reset bind unusable."""
+    _, disposition = run([("c", sasl_bind(1)), ("u", result(1, m.BIND_RESPONSE))])
+    assert disposition is Disposition.CLOSE
+
+
+def test_bogus_continuation_does_not_close_another_open_paged_search() -> None:
+    """Only presenting a page's own cookie ends its continuation; an error answer to a
+    stranger cookie leaves the first search's continuation counted as open."""
+    _, disposition = run(
+        [
+            ("c", paged_search(1)),
+            ("u", search_done(1, controls(paged(b"first")))),
+            ("c", paged_search(2, cookie=b"bogus")),
+            ("u", search_done(2, code=53)),
+        ]
+    )
+    assert disposition is Disposition.CLOSE
+
+
+def test_paged_search_read_to_the_end_is_reusable() -> None:
+    """Presenting each page's cookie until the last page leaves nothing open."""
+    _, disposition = run(
+        [
+            ("c", paged_search(1)),
+            ("u", search_done(1, controls(paged(b"p2")))),
+            ("c", paged_search(2, cookie=b"p2")),
+            ("u", search_done(2, controls(paged(b"p3")))),
+            ("c", paged_search(3, cookie=b"p3")),
+            ("u", search_done(3, controls(paged(b"")))),
+        ]
+    )
+    assert disposition is Disposition.REUSE
