@@ -40,12 +40,15 @@ def fresh_slapd(
 
     ``fresh_slapd()`` serves the usual certificate; ``fresh_slapd(server_cert=issued)``
     serves *issued* instead (an expired one, one for the wrong hostname, ...). Pass
-    ``start=False`` to get an unstarted instance.
+    ``start=False`` to get an unstarted instance, and ``extra_config="idletimeout 2"`` to
+    append lines to the global section of its slapd.conf.
     """
     started: list[Slapd] = []
 
-    def make(server_cert: Issued | None = None, *, start: bool = True) -> Slapd:
-        server = Slapd(tmp_path_factory.mktemp("fresh-slapd"), ca, server_cert)
+    def make(
+        server_cert: Issued | None = None, *, start: bool = True, extra_config: str = ""
+    ) -> Slapd:
+        server = Slapd(tmp_path_factory.mktemp("fresh-slapd"), ca, server_cert, extra_config)
         started.append(server)
         if start:
             server.start()

@@ -78,6 +78,7 @@ def proxy_config(
     upstream: dict[str, object] | None = None,
     limits: dict[str, object] | None = None,
     tls: dict[str, object] | None = None,
+    pool: dict[str, object] | None = None,
 ) -> tuple[Path, list[Listener]]:
     """Write a configuration with one listener per TLS mode (unless given) and a
     certificate for the proxy from ``ca``; return its path and the listeners."""
@@ -97,6 +98,8 @@ def proxy_config(
         "tls": {"certificate": str(cert), "private_key": str(key), **(tls or {})},
         "upstream": {"urls": upstream_urls, "ca_file": str(ca_path), **(upstream or {})},
     }
+    if pool:
+        sections["pool"] = pool
     if limits:
         sections["limits"] = limits
     path = workdir / "ldapproxy.toml"

@@ -168,10 +168,16 @@ class Slapd:
     vault_dn = VAULT_DN
 
     def __init__(
-        self, workdir: Path, ca: CertificateAuthority, server_cert: Issued | None = None
+        self,
+        workdir: Path,
+        ca: CertificateAuthority,
+        server_cert: Issued | None = None,
+        extra_config: str = "",
     ) -> None:
         self.workdir = workdir
         self.ca = ca
+        #: Appended to the global section of slapd.conf, e.g. ``"idletimeout 2"``.
+        self.extra_config = extra_config
         self.server_cert = server_cert or ca.issue(
             "localhost", dns_names=["localhost"], ip_addresses=[LOOPBACK]
         )
@@ -341,6 +347,7 @@ TLSCACertificateFile {self.ca_path}
 TLSCertificateFile {cert_path}
 TLSCertificateKeyFile {key_path}
 TLSVerifyClient never
+{self.extra_config}
 
 database mdb
 suffix "{SUFFIX}"
