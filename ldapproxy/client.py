@@ -47,11 +47,14 @@ class ReadControl:
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
+        self.paused = False
 
     def pauseProducing(self) -> None:
+        self.paused = True
         self._transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self.paused = False
         self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -63,6 +66,7 @@ class ClientProtocol(Protocol):
     """One accepted client connection; implements :class:`ldapproxy.session.ClientPort`."""
 
     session: Session
+    _upstream_reads: ReadControl | None = None
 
     def __init__(
         self, make_session: Callable[[ClientProtocol], Session], tls: ServerTLS | None
@@ -110,13 +114,19 @@ class ClientProtocol(Protocol):
     def link(self, upstream: UpstreamProtocol) -> None:
         # Each side pauses the other's reads while its own send buffer is full, so a slow
         # client stops the upstream read (and vice versa) and memory stays bounded.
-        self.transport.registerProducer(ReadControl(upstream.transport), True)  # type: ignore[union-attr]
+        self._upstream_reads = ReadControl(upstream.transport)
+        self.transport.registerProducer(self._upstream_reads, True)  # type: ignore[union-attr]
         upstream.transport.registerProducer(ReadControl(self.transport), True)  # type: ignore[union-attr]
 
     def unlink(self, upstream: UpstreamProtocol) -> None:
         for transport in (self.transport, upstream.transport):
             if transport is not None and getattr(transport, "producer", True) is not None:
                 transport.unregisterProducer()  # type: ignore[attr-defined]
+        reads, self._upstream_reads = self._upstream_reads, None
+        if reads is not None and reads.paused:
+            # This client's full send buffer had paused the upstream; the connection is
+            # going back to the pool, where the next session must be able to read it.
+            reads.resumeProducing()
 
     def close(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]
