@@ -9,7 +9,7 @@ is stopped by its PID at the end, also on errors and Ctrl-C.  See bench/README.r
 
 Knobs (environment): BENCH_USERS=10000 BENCH_SECONDS=4 BENCH_WARMUP=1 BENCH_ROUNDS=2
 BENCH_CONNS=8 BENCH_DEPTH=4 BENCH_SCENARIOS="short search bind" BENCH_SLAPD_THREADS=8
-BENCH_POOL_MIN_IDLE=16.
+BENCH_POOL_MIN_IDLE=16 BENCH_KEY=ec (the upstream certificate: ec = ECDSA P-256, rsa = RSA-2048).
 """
 
 from __future__ import annotations
@@ -79,6 +79,13 @@ def _env_number(
     return value
 
 
+def _key_type() -> str:
+    value = os.environ.get("BENCH_KEY", "ec")
+    if value not in ("ec", "rsa"):
+        raise SystemExit(f"bench: BENCH_KEY={value!r}: use ec (ECDSA P-256) or rsa (RSA-2048)")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     users: int
@@ -90,6 +97,7 @@ class Settings:
     scenarios: tuple[str, ...]
     slapd_threads: int
     pool_min_idle: int
+    key_type: str
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -108,6 +116,7 @@ class Settings:
             depth=_env_number("BENCH_DEPTH", 4),
             scenarios=scenarios,
             slapd_threads=_env_number("BENCH_SLAPD_THREADS", 8),
+            key_type=_key_type(),
             pool_min_idle=_env_number("BENCH_POOL_MIN_IDLE", 16),
         )
 
@@ -304,9 +313,9 @@ def start_slapd(
     workdir: Path, ca: CertificateAuthority, settings: Settings
 ) -> tuple[Child, int, int]:
     tls_dir = workdir / "tls"
-    cert, key = ca.issue("localhost", dns_names=["localhost"], ip_addresses=[LOOPBACK]).write(
-        tls_dir, "slapd"
-    )
+    cert, key = ca.issue(
+        "localhost", dns_names=["localhost"], ip_addresses=[LOOPBACK], key_type=settings.key_type
+    ).write(tls_dir, "slapd")
     conf = workdir / "slapd.conf"
     conf.write_text(slapd_conf(workdir, cert, key, tls_dir / "ca.pem", settings.slapd_threads))
     (workdir / "db").mkdir(mode=0o700)
@@ -823,7 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(len(t) for _, t in plan) * settings.rounds
         print(
             f"bench: {total} cells of {settings.warmup:g}+{settings.seconds:g} s, "
-            f"{settings.conns} connections, {settings.users} users, {NCPU} CPUs",
+            f"{settings.conns} connections, {settings.users} users, {NCPU} CPUs, "
+            f"upstream certificate {'RSA-2048' if settings.key_type == 'rsa' else 'ECDSA P-256'}",
             file=sys.stderr,
         )
         cells: list[Cell] = []

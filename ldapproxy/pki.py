@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["CertificateAuthority", "Issued"]
@@ -31,7 +31,10 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+_PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _key_pem(key: _PrivateKey) -> bytes:
     return key.private_bytes(
         encoding=serialization.Encoding.PEM,
         format=serialization.PrivateFormat.PKCS8,
@@ -139,12 +142,14 @@ class CertificateAuthority:
         not_after: datetime | None = None,
         server: bool = True,
         client: bool = False,
+        key_type: str = "ec",
     ) -> Issued:
         """Sign a new leaf certificate with a fresh key.
 
         *dns_names* and *ip_addresses* become the subjectAltName. The default validity
         is from an hour ago until 30 days from now; pass *not_after* in the past for an
         expired certificate. *server* and *client* select the extendedKeyUsage.
+        *key_type* is ``"ec"`` (ECDSA P-256, the default) or ``"rsa"`` (RSA-2048).
         """
         if not (server or client):
             raise ValueError("a leaf certificate needs server and/or client usage")
@@ -167,7 +172,12 @@ class CertificateAuthority:
         alt_names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
         alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
 
-        key = _new_key()
+        if key_type == "ec":
+            key: _PrivateKey = _new_key()
+        elif key_type == "rsa":
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        else:
+            raise ValueError(f"key_type must be 'ec' or 'rsa', not {key_type!r}")
         public_key = key.public_key()
         builder = (
             x509.CertificateBuilder()
@@ -182,9 +192,9 @@ class CertificateAuthority:
                 x509.KeyUsage(
                     digital_signature=True,
                     content_commitment=False,
-                    key_encipherment=False,
+                    key_encipherment=key_type == "rsa",
                     data_encipherment=False,
-                    key_agreement=True,
+                    key_agreement=key_type == "ec",
                     key_cert_sign=False,
                     crl_sign=False,
                     encipher_only=False,

@@ -133,3 +133,19 @@ def test_write_certificate_round_trips(authority: CertificateAuthority, tmp_path
     assert cert.issuer == cert.subject
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+
+
+def test_rsa_leaf_has_a_2048_bit_key_and_verifies(authority: CertificateAuthority) -> None:
+    """key_type="rsa" issues an RSA-2048 leaf that still verifies against the CA."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    issued = authority.issue("rsa", dns_names=["rsa.example.test"], key_type="rsa")
+    key = load_pem_private_key(issued.private_key_pem, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    assert key.key_size == 2048
+    store = crypto.X509Store()
+    store.add_cert(crypto.load_certificate(crypto.FILETYPE_PEM, authority.certificate_pem))
+    leaf = crypto.load_certificate(crypto.FILETYPE_PEM, issued.certificate_pem)
+    crypto.X509StoreContext(store, leaf).verify_certificate()
+    with pytest.raises(ValueError, match="key_type"):
+        authority.issue("dsa", key_type="dsa")
