@@ -19,6 +19,9 @@ from ldapproxy.ber import (
     read_tlv,
     tlv,
 )
+from ldapproxy.ber import (
+    INTEGER as INTEGER_TAG,
+)
 
 # -- protocolOp tags (RFC 4511 §4.2 - §4.14), as the first octet of the element ----------
 
@@ -355,6 +358,19 @@ def paged_results_cookie(pdu: bytes) -> bytes | None:
             return None
         pos = control_end
     return None
+
+
+def is_simple_bind(pdu: bytes) -> bool:
+    """Whether a PDU is a version 3 BindRequest with simple authentication (``simple [0]``)."""
+    tag, start, end = _protocol_op(pdu)
+    if tag != BIND_REQUEST:
+        return False
+    version_tag, version_start, version_end = read_tlv(pdu, start, end)
+    if version_tag != INTEGER_TAG or read_integer(pdu, version_start, version_end) != 3:
+        return False
+    name_tag, _, name_end = read_tlv(pdu, version_end, end)
+    auth_tag, _, _ = read_tlv(pdu, name_end, end)
+    return name_tag == OCTET_STRING and auth_tag == 0x80
 
 
 def is_sasl_bind(pdu: bytes) -> bool:

@@ -39,6 +39,7 @@ from ldapproxy import messages as m
 from ldapproxy.ber import BerError, Frame
 from ldapproxy.config import PoolConfig, UpstreamURL
 from ldapproxy.upstream import (
+    ExchangeError,
     NoUpstreamAvailable,
     UpstreamError,
     UpstreamProtocol,
@@ -256,7 +257,11 @@ class Pool:
         ):
             self._discard(connection, None)
         elif disposition is Disposition.RESET:
-            self._reset(upstream, connection)
+            # The bound identity stays until the next session replaces it with a simple
+            # Bind of its own that succeeds, or has reset() send the anonymous Bind before
+            # anything else (see Session._acquired).
+            protocol.needs_reset = True
+            self._idle(upstream, connection)
         else:
             self._idle(upstream, connection)
 
@@ -360,10 +365,41 @@ class Pool:
         if fresh:
             connection.idle_since = self._clock.seconds()
 
-    def _reset(self, upstream: _Upstream, connection: _Connection) -> None:
+    def reset(self, protocol: UpstreamProtocol) -> defer.Deferred[None]:
+        """Make a leased connection anonymous again: send an anonymous simple Bind (RFC 4513
+        §5.1.1) and fire once the directory answered ``success``.
+
+        Fails with :class:`ExchangeError` otherwise; the session then gives the connection
+        back with ``CLOSE``.  The session's sink must be attached again afterwards.
+        """
+        found = self._find(protocol)
+        if found is None:
+            return defer.fail(ExchangeError("the connection is no longer in the pool"))
+        _, connection = found
         connection.state = ConnectionState.RESETTING
-        bind = m.anonymous_bind_request(_CONTROL_MESSAGE_ID)
-        self._exchange(connection, bind, m.BIND_RESPONSE, "identity reset", upstream, fresh=True)
+        done = protocol.exchange(m.anonymous_bind_request(_CONTROL_MESSAGE_ID), _CONTROL_MESSAGE_ID)
+        done.addTimeout(self._check_timeout, self._clock)
+
+        def answered(frames: list[Frame]) -> None:
+            if connection.state is ConnectionState.RESETTING:
+                connection.state = ConnectionState.ACTIVE
+            final = frames[-1]
+            try:
+                code = m.result_code(final.data)
+            except BerError:
+                code = -1
+            if final.op != m.BIND_RESPONSE or code != m.SUCCESS:
+                raise ExchangeError(f"identity reset refused: {m.result_name(code)} ({code})")
+            protocol.needs_reset = False
+
+        def failed(failure: Failure) -> Failure:
+            if connection.state is ConnectionState.RESETTING:
+                connection.state = ConnectionState.ACTIVE
+            if isinstance(failure.value, ExchangeError):
+                return failure
+            raise ExchangeError(f"identity reset failed: {_reason(failure) or 'timeout'}")
+
+        return done.addCallbacks(answered, failed)
 
     def _check(self, upstream: _Upstream, connection: _Connection) -> None:
         connection.state = ConnectionState.CHECKING

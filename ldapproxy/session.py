@@ -98,8 +98,14 @@ class UpstreamSource(Protocol):
     def release(self, connection: UpstreamProtocol, disposition: Disposition) -> None:
         """The session is done with ``connection``; ``disposition`` says if it can be reused."""
 
+    def reset(self, connection: UpstreamProtocol) -> defer.Deferred[None]:
+        """Make a leased connection that ``needs_reset`` anonymous (fires on success)."""
+
 
 _PLAINTEXT_ALLOWED = frozenset({m.ABANDON_REQUEST, m.UNBIND_REQUEST})
+
+# _holding while the proxy's own anonymous Bind is in flight (message IDs are >= 0).
+_RESETTING = -1
 
 #: Extended operations that leave no state on the connection beyond their own answer, so a
 #: connection that ran them can be reused.  Any other one makes the connection unreusable
@@ -176,6 +182,10 @@ class Session:
         self._acquiring: defer.Deferred[UpstreamProtocol] | None = None
         self._pending: list[Frame] = []
         self._paused = False
+        #: While the leased connection's previous identity is being replaced, nothing but
+        #: the replacing request may be sent: the message ID of the client's simple Bind
+        #: that replaces it, _RESETTING during the proxy's own anonymous Bind, else None.
+        self._holding: int | None = None
         self._notice_forwarded = False
         # What the leased connection has seen, for its Disposition at release.
         self._bound = False
@@ -334,6 +344,7 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         self._last_activity = self._clock.seconds()
+        replaced: bool | None = None
         out = []
         outstanding = self._outstanding
         for frame in frames:
@@ -343,7 +354,10 @@ class Session:
                     del outstanding[message_id]
                     self._abandoned.discard(message_id)
                     if frame.op == m.BIND_RESPONSE:
-                        self._sasl_in_progress = _result(frame) == m.SASL_BIND_IN_PROGRESS
+                        code = _result(frame)
+                        self._sasl_in_progress = code == m.SASL_BIND_IN_PROGRESS
+                        if message_id == self._holding:
+                            replaced = code == m.SUCCESS
                     elif message_id in self._paged:
                         self._paged_done(self._paged.pop(message_id), frame)
                 out.append(frame.data)
@@ -359,6 +373,13 @@ class Session:
                 )
         if out:
             self._client.write(b"".join(out))
+        if replaced is not None and self._upstream is not None:
+            if replaced:
+                self._upstream.needs_reset = False
+                self._send_pending()
+            else:
+                # Don't trust what a failed Bind left behind: reset before going on.
+                self._reset_identity(self._upstream)
 
     def upstream_lost(self, reason: str) -> None:
         """The upstream connection broke while this session held it."""
@@ -382,14 +403,14 @@ class Session:
     def _forward(self, frames: list[Frame]) -> None:
         if not frames:
             return
-        if self._upstream is not None:
+        if self._upstream is not None and self._holding is None:
             if len(frames) == 1:
                 self._upstream.send(frames[0].data)
             else:
                 self._upstream.send(b"".join(f.data for f in frames))
             return
         self._pending.extend(frames)
-        if self._acquiring is None:
+        if self._acquiring is None and self._upstream is None:
             acquiring = self._source.acquire()
             self._acquiring = acquiring
             acquiring.addCallbacks(self._acquired, self._acquire_failed)
@@ -404,11 +425,57 @@ class Session:
             self._source.release(upstream, Disposition.REUSE)
             return
         self._upstream = upstream
-        upstream.attach(self)
         self._client.link(upstream)
+        if upstream.needs_reset:
+            first = self._pending[0]
+            if first.op == m.BIND_REQUEST and _is_simple_bind(first.data):
+                # The client's own Bind replaces the previous identity (RFC 4511 §4.2.1)
+                # if it succeeds; until its answer nothing else is sent.
+                self._holding = first.message_id
+                upstream.attach(self)
+                del self._pending[0]
+                upstream.send(first.data)
+                self._resume()
+                return
+            self._reset_identity(upstream)
+            return
+        upstream.attach(self)
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        self._holding = None
         pending, self._pending = self._pending, []
         self._forward(pending)
         self._resume()
+
+    def _reset_identity(self, upstream: UpstreamProtocol) -> None:
+        """Have the pool make ``upstream`` anonymous before anything of ours is sent."""
+        self._holding = _RESETTING
+        self._source.reset(upstream).addCallbacks(
+            self._identity_reset,
+            self._reset_failed,
+            callbackArgs=(upstream,),
+            errbackArgs=(upstream,),
+        )
+
+    def _identity_reset(self, _: None, upstream: UpstreamProtocol) -> None:
+        if self._upstream is upstream:
+            upstream.attach(self)
+            self._send_pending()
+
+    def _reset_failed(self, failure: Failure, upstream: UpstreamProtocol) -> None:
+        if self._upstream is not upstream:
+            return  # the session or the connection ended meanwhile
+        log.warn(
+            "{prefix} upstream identity reset failed: {error}",
+            prefix=self.prefix,
+            error=failure.getErrorMessage(),
+        )
+        self._upstream = None
+        self._holding = None
+        self._client.unlink(upstream)
+        self._source.release(upstream, Disposition.CLOSE)
+        self._fail_pending(m.UNAVAILABLE, "no upstream directory is available")
 
     def _resume(self) -> None:
         if self._paused:
@@ -419,7 +486,7 @@ class Session:
         self._acquiring = None
         if isinstance(failure.value, defer.CancelledError):
             return
-        pending, self._pending = self._pending, []
+        pending = self._pending
         if isinstance(failure.value, PoolBusy):
             code, diagnostic = m.BUSY, "all upstream connections are busy; try again"
             log.warn(
@@ -441,6 +508,11 @@ class Session:
             log.failure(
                 "{prefix} obtaining an upstream connection failed", failure, prefix=self.prefix
             )
+        self._fail_pending(code, diagnostic)
+
+    def _fail_pending(self, code: int, diagnostic: str) -> None:
+        """Answer every request waiting for an upstream with ``code``."""
+        pending, self._pending = self._pending, []
         replies = []
         for message_id, op, _ in pending:
             self._outstanding.pop(message_id, None)
@@ -626,6 +698,13 @@ def _result(frame: Frame) -> int:
         return m.result_code(frame.data)
     except BerError:
         return -1
+
+
+def _is_simple_bind(pdu: bytes) -> bool:
+    try:
+        return m.is_simple_bind(pdu)
+    except BerError:
+        return False
 
 
 def _is_sasl(pdu: bytes) -> bool:

@@ -106,6 +106,9 @@ class UpstreamProtocol(Protocol):
         self.ready: defer.Deferred[UpstreamProtocol] = defer.Deferred(self._cancel)
         self.tls_version: str | None = None
         self.cipher: str | None = None
+        #: Set by the pool while the connection may still carry an identity that a
+        #: previous session bound; the next session must replace or reset it first.
+        self.needs_reset = False
         self.peer_certificate: PeerCertificate | None = None
 
     # -- establishing ------------------------------------------------------------------

@@ -370,7 +370,55 @@ def b_ldapsearch(listener: Listener, ca_path: Path, env: dict[str, str]) -> str:
     return rf'SRCH base="{re.escape(VAULT_DN)}"'
 
 
-CLIENTS_B = (b_raw_whoami_first, b_raw_search_first, b_ldapwhoami, b_ldapsearch)
+def b_raw_failed_bind_first(listener: Listener, ca_path: Path, env: dict[str, str]) -> str:
+    """Client B's first PDU is a Bind that fails (A's DN, wrong password), with WhoAmI and
+    the cn=vault read pipelined behind it in the same write: they must run anonymous."""
+    with connect(listener, ca_path) as client:
+        client.send(
+            message(1, simple_bind(ADMIN_READER_DN, "not-the-password"))
+            + message(2, extended(WHOAMI_OID))
+            + message(3, search(VAULT_DN, SCOPE_BASE, attributes=["description"]))
+        )
+        (bound,) = client.until_final(1)
+        (who,) = client.until_final(2)
+        vault = client.until_final(3)
+        stray = client.quiet_for(0.2)
+    assert bound.result_code == INVALID_CREDENTIALS, bound
+    code, _, value = extended_fields(who)
+    assert (code, value or b"") == (SUCCESS, b""), f"B is not anonymous: {value!r}"
+    check_anonymous_pdus([bound, who, *vault, *stray], {1, 2, 3})
+    return r'SRCH base="cn=vault'
+
+
+def b_raw_binds_as_alice_first(listener: Listener, ca_path: Path, env: dict[str, str]) -> str:
+    """Client B's first PDU is its own successful Bind (alice), WhoAmI pipelined behind it:
+    B is alice, never A, and still cannot read cn=vault."""
+    with connect(listener, ca_path) as client:
+        client.send(
+            message(1, simple_bind(ALICE_DN, USERS[ALICE_DN]))
+            + message(2, extended(WHOAMI_OID))
+            + message(3, search(VAULT_DN, SCOPE_BASE, attributes=["description"]))
+        )
+        (bound,) = client.until_final(1)
+        (who,) = client.until_final(2)
+        vault = client.until_final(3)
+    assert bound.result_code == SUCCESS, bound
+    assert extended_fields(who)[2] == f"dn:{ALICE_DN}".encode()
+    assert all(VAULT_SECRET.encode() not in p.raw for p in vault)
+    return r'SRCH base="cn=vault'
+
+
+CLIENTS_B = (
+    b_raw_whoami_first,
+    b_raw_search_first,
+    b_raw_failed_bind_first,
+    b_raw_binds_as_alice_first,
+    b_ldapwhoami,
+    b_ldapsearch,
+)
+#: B clients that never bind successfully before their first request: on A's connection
+#: the proxy must send its own anonymous Bind first.
+RESET_BY_PROXY = {"b_raw_whoami_first", "b_raw_search_first", "b_raw_failed_bind_first"}
 
 
 def connections_used(upstream: Slapd, mark: int, last_op_of_b: str) -> tuple[str, str | None, str]:
@@ -423,7 +471,7 @@ def test_next_session_is_anonymous(
             assert a_conn is not None, f"{what}: A's bind is not in slapd's log\n{log}"
             assert b_conn == a_conn, f"{what}: B did not reuse A's connection\n{log}"
             assert not accept_lines(upstream, mark), f"{what}: a new upstream connection\n{log}"
-            if client_b.__name__.startswith("b_raw"):
+            if client_b.__name__ in RESET_BY_PROXY:
                 # B never binds, so the anonymous bind on A's connection is the pool's reset.
                 reset = rf'conn={a_conn} op=\d+ BIND dn="" method=128'
                 assert re.search(reset, log), f"{what}: no identity reset\n{log}"

@@ -129,6 +129,8 @@ class FakeUpstream:
         self.sent: list[bytes] = []
         self.sink: Any = None
         self.closed = False
+        #: As on UpstreamProtocol: a previous session's identity may still be on it.
+        self.needs_reset = False
         #: For :meth:`ldapproxy.client.ClientProtocol.link`, which couples transports.
         self.transport = StringTransport()
 
@@ -168,6 +170,8 @@ class FakeSource:
     def __init__(self) -> None:
         #: One Deferred per ``acquire()`` call, in order.
         self.requests: list[defer.Deferred[Any]] = []
+        #: ``(connection, Deferred)`` per ``reset()`` call.
+        self.resets: list[tuple[Any, defer.Deferred[None]]] = []
         self.cancelled: list[defer.Deferred[Any]] = []
         #: ``(connection, disposition)`` per ``release()`` call.
         self.released: list[tuple[Any, Disposition]] = []
@@ -184,6 +188,12 @@ class FakeSource:
 
     def release(self, connection: Any, disposition: Disposition) -> None:
         self.released.append((connection, disposition))
+
+    def reset(self, connection: Any) -> defer.Deferred[None]:
+        """An identity reset the test completes: ``resets[-1].callback(None)``."""
+        done: defer.Deferred[None] = defer.Deferred()
+        self.resets.append((connection, done))
+        return done
 
     @property
     def acquiring(self) -> bool:
@@ -411,6 +421,7 @@ class FakePooledUpstream:
 
         self.url = url
         self.state = UpstreamState.READY
+        self.needs_reset = False
         self.sink: Any = None
         #: ``(pdu, message_id)`` per ``exchange()`` call, in order.
         self.exchanges: list[tuple[bytes, int]] = []
