@@ -6,10 +6,11 @@ What a session gives back decides what happens to the connection (:class:`Dispos
 
 * ``REUSE``: nothing is in flight and no Bind ran, so the connection is still anonymous;
   it goes straight back to ``IDLE``.
-* ``RESET``: nothing is in flight but a Bind ran.  The pool sends an anonymous simple
-  Bind (RFC 4513 §5.1.1), waits for ``success``, and only then marks it ``IDLE``.  No
-  request of another session is sent before that answer, so no session ever runs under
-  the identity a previous session bound.
+* ``RESET``: nothing is in flight but a Bind ran.  The connection goes back to ``IDLE``
+  marked ``needs_reset``.  The next session replaces the identity before any of its
+  requests runs: with its own simple Bind, sent alone, if that succeeds (RFC 4511 §4.2.1),
+  else through :meth:`Pool.reset`, an anonymous simple Bind (RFC 4513 §5.1.1) that must
+  succeed first.  So no session ever runs under the identity a previous session bound.
 * ``CLOSE``: an operation is outstanding or abandoned (its results may still come), a SASL
   bind is in progress, the session used an operation or control whose connection state the proxy
   cannot reset, or the connection broke.  It is closed and replaced.
