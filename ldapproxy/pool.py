@@ -49,8 +49,10 @@ from ldapproxy.upstream import (
 
 log = Logger(namespace="ldapproxy.pool")
 
-# The pool's own requests run only on connections that no session holds and that have
-# nothing in flight, so any message ID is free.
+# The pool's own requests (health checks, probes, identity resets) run only when nothing
+# else is in flight on the connection: idle ones, or a leased one whose session sends
+# nothing until the reset is answered (and is closed, not reused, if it leaves before).
+# So any message ID is free.
 _CONTROL_MESSAGE_ID = 1
 
 # Probes of a DOWN upstream: 1 s, 2 s, 4 s, ... up to this many seconds apart.
@@ -65,6 +67,10 @@ class ConnectionState(enum.Enum):
     CHECKING = "checking"
     RESETTING = "resetting"
     ACTIVE = "active"
+
+
+#: States in which a session holds the connection.
+_LEASED = frozenset({ConnectionState.ACTIVE, ConnectionState.RESETTING})
 
 
 class UpstreamStatus(enum.Enum):
@@ -126,9 +132,7 @@ class _Upstream:
 
     def spare(self) -> int:
         """Connections that are or will soon be IDLE (for min_idle)."""
-        return self.connecting + sum(
-            1 for c in self.connections if c.state is not ConnectionState.ACTIVE
-        )
+        return self.connecting + sum(1 for c in self.connections if c.state not in _LEASED)
 
 
 class _IdleSink:
@@ -195,7 +199,7 @@ class Pool:
             for connection in list(upstream.connections):
                 self._remove(upstream, connection)
                 # A session holding the connection hears of its loss and tells its client.
-                connection.protocol.close(notify=connection.state is ConnectionState.ACTIVE)
+                connection.protocol.close(notify=connection.state in _LEASED)
         while self._waiters:
             self._waiters.popleft().errback(NoUpstreamAvailable([]))
 
@@ -216,7 +220,10 @@ class Pool:
     # -- leasing -----------------------------------------------------------------------
 
     def acquire(self) -> defer.Deferred[UpstreamProtocol]:
-        """A READY, anonymous connection for one session, leased until :meth:`release`.
+        """A READY connection for one session, leased until :meth:`release`.
+
+        It is anonymous unless ``needs_reset`` is set, in which case the session must
+        replace the identity before its first request (see the module docstring).
 
         Fails with :class:`NoUpstreamAvailable` when every upstream is down, and with
         :class:`PoolBusy` when none frees up within ``pool.acquire_timeout``.
@@ -374,8 +381,8 @@ class Pool:
         back with ``CLOSE``.  The session's sink must be attached again afterwards.
         """
         found = self._find(protocol)
-        if found is None:
-            return defer.fail(ExchangeError("the connection is no longer in the pool"))
+        if found is None or found[1].state is not ConnectionState.ACTIVE:
+            return defer.fail(ExchangeError("the connection is not leased from the pool"))
         _, connection = found
         connection.state = ConnectionState.RESETTING
         done = protocol.exchange(m.anonymous_bind_request(_CONTROL_MESSAGE_ID), _CONTROL_MESSAGE_ID)
@@ -503,7 +510,7 @@ class Pool:
             upstream.failures = 0
             # Idle connections to it are suspect; sessions holding one keep it.
             for connection in list(upstream.connections):
-                if connection.state is not ConnectionState.ACTIVE:
+                if connection.state not in _LEASED:
                     self._remove(upstream, connection)
                     connection.protocol.close()
         self._schedule_probe(upstream, min(_MAX_BACKOFF, 2.0**upstream.failures))

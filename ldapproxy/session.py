@@ -353,11 +353,12 @@ class Session:
                 if frame.op in m.FINAL_RESPONSES:
                     del outstanding[message_id]
                     self._abandoned.discard(message_id)
-                    if frame.op == m.BIND_RESPONSE:
-                        code = _result(frame)
+                    code = _result(frame) if frame.op == m.BIND_RESPONSE else None
+                    if code is not None:
                         self._sasl_in_progress = code == m.SASL_BIND_IN_PROGRESS
-                        if message_id == self._holding:
-                            replaced = code == m.SUCCESS
+                    if message_id == self._holding:
+                        # Only a successful BindResponse proves the identity was replaced.
+                        replaced = code == m.SUCCESS
                     elif message_id in self._paged:
                         self._paged_done(self._paged.pop(message_id), frame)
                 out.append(frame.data)
@@ -560,7 +561,13 @@ class Session:
 
     def _disposition(self) -> Disposition:
         """Whether the next session may use this session's upstream connection, and how."""
-        if self._outstanding or self._stateful or self._sasl_in_progress or self._paged_open:
+        if (
+            self._outstanding
+            or self._stateful
+            or self._sasl_in_progress
+            or self._paged_open
+            or self._holding is not None  # an identity change is still in flight
+        ):
             return Disposition.CLOSE  # results may still come, or state we cannot reset
         if self._bound:
             return Disposition.RESET  # a Bind ran: back to anonymous before reuse

@@ -11,10 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.fakes import (
     FakeClient,
+    FakePooledUpstream,
+    FakeUpstream,
     Harness,
     PoolHarness,
     abandon_request,
     connection_done,
+    decode,
     make_pool,
     make_session,
     request,
@@ -37,6 +40,7 @@ from ldapproxy.ber import (
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS, UpstreamURL
 from ldapproxy.pool import Disposition, PoolBusy
 from ldapproxy.session import Session, SessionState
+from ldapproxy.upstream import ExchangeError
 
 # -- PDU builders ----------------------------------------------------------------------------
 
@@ -48,6 +52,7 @@ VLV = b"2.16.840.1.113730.3.4.9"
 UNKNOWN_CONTROL = b"1.3.6.1.4.1.99999.1"
 PAGED = m.PAGED_RESULTS_OID
 TXN_START = b"1.3.6.1.1.21.1"
+INVALID_CREDENTIALS = 49
 
 
 def control(oid: bytes, critical: bool | None = None, value: bytes | None = None) -> bytes:
@@ -459,7 +464,8 @@ def pooled_session(p: PoolHarness, session_id: int) -> tuple[Session, FakeClient
 
 
 def test_next_session_runs_only_after_the_reset_bind_succeeded() -> None:
-    """A bound session's connection is reset before another session's request reaches it."""
+    """A bound session's connection goes back to the pool marked, with nothing sent; the next
+    session that gets it has the anonymous reset bind answered before its request is sent."""
     p = make_pool([URL], min_idle=1, max_size=1, health_check_interval=10_000)
     conn = p.connector.succeed(URL)
     first, first_client = pooled_session(p, 1)
@@ -469,19 +475,28 @@ def test_next_session_runs_only_after_the_reset_bind_succeeded() -> None:
     conn.deliver(result(1, m.BIND_RESPONSE))
     assert [f.op for f in first_client.frames()] == [m.BIND_RESPONSE]
     first.client_lost(connection_done())
+    assert conn.needs_reset
+    assert conn.exchanges == [], "lazy: nothing is sent at release"
+    assert p.counts() == {"idle": 1}
 
     second, second_client = pooled_session(p, 2)
     second.client_data(search_request(1))
-    assert second_client.paused, "waiting for the reset"
-    assert conn.sent == [bind, m.anonymous_bind_request(conn.exchanges[-1][1])]
+    assert p.counts() == {"resetting": 1}
+    assert conn.sent == [bind, anonymous_bind(conn)]
+    second.client_data(search_request(2))
+    assert conn.sent == [bind, anonymous_bind(conn)], "held until the reset's answer"
     conn.answer(m.SUCCESS)
-    assert conn.sent[-1] == search_request(1)
+    assert not conn.needs_reset
+    assert p.counts() == {"active": 1}
+    assert b"".join(conn.sent[2:]) == search_request(1) + search_request(2)
     assert not second_client.paused
-    conn.deliver(result(1, m.SEARCH_RESULT_DONE))
-    assert [f.op for f in second_client.frames()] == [m.SEARCH_RESULT_DONE]
+    assert second_client.events == [("link", conn)], "the reset bind's answer is not forwarded"
+    conn.deliver(result(1, m.SEARCH_RESULT_DONE), result(2, m.SEARCH_RESULT_DONE))
+    assert [f.op for f in second_client.frames()] == [m.SEARCH_RESULT_DONE] * 2
     second.client_lost(connection_done())
     assert p.counts() == {"idle": 1}
-    assert len(conn.exchanges) == 1, "REUSE: no second reset"
+    assert not conn.needs_reset, "REUSE: left clean"
+    assert len(conn.exchanges) == 1, "no second reset"
 
 
 def test_session_gets_busy_when_the_pool_is_exhausted() -> None:
@@ -711,3 +726,406 @@ def test_paged_search_read_to_the_end_is_reusable() -> None:
         ]
     )
     assert disposition is Disposition.REUSE
+
+
+# -- lazy identity reset: a session that gets a connection marked needs_reset ----------------
+
+
+def anonymous_bind(conn: FakePooledUpstream) -> bytes:
+    """The anonymous simple bind of the latest exchange on ``conn`` (the pool's reset)."""
+    assert conn.exchanges, "no reset bind was sent"
+    pdu, message_id = conn.exchanges[-1]
+    assert pdu == m.anonymous_bind_request(message_id)
+    return pdu
+
+
+def simple_bind_v2(message_id: int) -> bytes:
+    """A simple BindRequest of LDAP version 2 (the proxy does not trust it to replace the
+    previous identity)."""
+    body = encode_integer(2) + tlv(OCTET_STRING, b"cn=someone,dc=example,dc=com")
+    return encode_message(message_id, tlv(m.BIND_REQUEST, body + tlv(0x80, b"secret")))
+
+
+def dirty_pool() -> tuple[PoolHarness, FakePooledUpstream]:
+    """A pool of one connection that a bound session gave back: IDLE, ``needs_reset``.
+
+    Its ``sent`` is cleared; nothing was exchanged on it.
+    """
+    p = make_pool([URL], min_idle=1, max_size=1, health_check_interval=10_000)
+    conn = p.connector.succeed(URL)
+    first, _ = pooled_session(p, 1)
+    first.client_data(request(1, m.BIND_REQUEST))
+    conn.deliver(result(1, m.BIND_RESPONSE))
+    first.client_lost(connection_done())
+    assert conn.needs_reset
+    assert conn.exchanges == []
+    assert p.counts() == {"idle": 1}
+    conn.sent.clear()
+    return p, conn
+
+
+def codes(client: FakeClient) -> list[tuple[int, int, int]]:
+    """``(message ID, op, result code)`` of everything written to ``client``."""
+    return [(f.message_id, f.op, m.result_code(f.data)) for f in client.frames()]
+
+
+RESET_FAILURES = [
+    pytest.param("refused", id="invalidCredentials"),
+    pytest.param("other-op", id="wrong-response-type"),
+    pytest.param("timeout", id="timeout"),
+    pytest.param("lost", id="connection-lost"),
+    pytest.param("foreign-id", id="response-for-another-message-id"),
+]
+
+
+def fail_reset(p: PoolHarness, conn: FakePooledUpstream, how: str) -> None:
+    """Make the reset bind in flight on ``conn`` fail in the way ``how`` names."""
+    message_id = conn.exchanges[-1][1]
+    if how == "refused":
+        conn.answer(INVALID_CREDENTIALS)
+    elif how == "other-op":
+        conn.deliver(result(message_id, m.MODIFY_RESPONSE))
+    elif how == "timeout":
+        p.clock.advance(4.0 + 0.1)  # make_pool's check_timeout
+    elif how == "lost":
+        conn.lose()
+    elif how == "foreign-id":
+        conn.deliver(result(message_id + 1, m.BIND_RESPONSE))
+    else:  # pragma: no cover
+        raise AssertionError(how)
+
+
+def test_simple_bind_on_a_dirty_connection_is_sent_alone_and_replaces_the_identity() -> None:
+    """A simple bind first: it is sent alone, pipelined requests are held until its
+    BindResponse; its success makes the connection clean and no anonymous bind is ever sent."""
+    p, conn = dirty_pool()
+    session, client = pooled_session(p, 2)
+    bind = request(1, m.BIND_REQUEST)
+    session.client_data(bind + search_request(2))
+    assert conn.sent == [bind]
+    assert not client.paused
+    session.client_data(search_request(3))
+    assert conn.sent == [bind], "still held"
+    assert conn.needs_reset
+    conn.deliver(result(1, m.BIND_RESPONSE))
+    assert not conn.needs_reset
+    assert b"".join(conn.sent) == bind + search_request(2) + search_request(3)
+    assert conn.exchanges == [], "no anonymous bind"
+    assert codes(client) == [(1, m.BIND_RESPONSE, m.SUCCESS)]
+    session.client_data(search_request(4))
+    assert conn.sent[-1] == search_request(4), "nothing held any more"
+    conn.deliver(*(result(i, m.SEARCH_RESULT_DONE) for i in (2, 3, 4)))
+    assert [f.message_id for f in client.frames()] == [1, 2, 3, 4]
+    session.client_lost(connection_done())
+    assert conn.needs_reset, "bound: RESET again"
+    assert conn.exchanges == []
+    assert p.counts() == {"idle": 1}
+
+
+def test_anonymous_simple_bind_first_also_replaces_the_identity() -> None:
+    """An anonymous simple bind is a simple bind too: sent alone, no reset of the proxy's."""
+    p, conn = dirty_pool()
+    session, _ = pooled_session(p, 2)
+    bind = m.anonymous_bind_request(1)
+    session.client_data(bind + search_request(2))
+    assert conn.sent == [bind]
+    conn.deliver(result(1, m.BIND_RESPONSE))
+    assert b"".join(conn.sent) == bind + search_request(2)
+    assert conn.exchanges == []
+    assert not conn.needs_reset
+
+
+def test_failed_simple_bind_on_a_dirty_connection_is_followed_by_the_reset() -> None:
+    """A first simple bind that fails (49) is answered, then the anonymous reset bind is sent
+    before the held search, which is sent only after the reset's success."""
+    p, conn = dirty_pool()
+    session, client = pooled_session(p, 2)
+    bind = request(1, m.BIND_REQUEST)
+    session.client_data(bind + search_request(2))
+    conn.deliver(result(1, m.BIND_RESPONSE, INVALID_CREDENTIALS))
+    assert codes(client) == [(1, m.BIND_RESPONSE, INVALID_CREDENTIALS)]
+    assert conn.sent == [bind, anonymous_bind(conn)]
+    assert conn.needs_reset
+    assert p.counts() == {"resetting": 1}
+    session.client_data(search_request(3))
+    assert conn.sent == [bind, anonymous_bind(conn)], "held during the reset"
+    conn.answer(m.SUCCESS)
+    assert not conn.needs_reset
+    assert b"".join(conn.sent[2:]) == search_request(2) + search_request(3)
+    assert codes(client) == [(1, m.BIND_RESPONSE, INVALID_CREDENTIALS)], "reset not forwarded"
+    conn.deliver(result(2, m.SEARCH_RESULT_DONE), result(3, m.SEARCH_RESULT_DONE))
+    assert [f.message_id for f in client.frames()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(search_request(1), id="search"),
+        pytest.param(extended(1, m.WHOAMI_OID), id="whoami"),
+        pytest.param(request(1, m.COMPARE_REQUEST), id="compare"),
+        pytest.param(request(1, m.MODIFY_REQUEST), id="modify"),
+        pytest.param(sasl_bind(1), id="sasl-bind"),
+        pytest.param(simple_bind_v2(1), id="simple-bind-v2"),
+    ],
+)
+def test_other_first_request_on_a_dirty_connection_waits_for_the_reset(first: bytes) -> None:
+    """Any first request but a version-3 simple bind: the anonymous bind is sent first, and
+    the request (with what came behind it) only after its success."""
+    p, conn = dirty_pool()
+    session, client = pooled_session(p, 2)
+    session.client_data(first + search_request(2))
+    assert conn.sent == [anonymous_bind(conn)]
+    assert p.counts() == {"resetting": 1}
+    conn.answer(m.SUCCESS)
+    assert b"".join(conn.sent[1:]) == first + search_request(2)
+    assert not conn.needs_reset
+    assert p.counts() == {"active": 1}
+    assert client.frames() == []
+    conn.deliver(result(2, m.SEARCH_RESULT_DONE))
+    assert codes(client) == [(2, m.SEARCH_RESULT_DONE, m.SUCCESS)], "session attached again"
+
+
+@pytest.mark.parametrize("how", RESET_FAILURES)
+def test_failed_reset_closes_the_connection_and_answers_the_held_requests_unavailable(
+    how: str,
+) -> None:
+    """A failed reset: the connection is given back with CLOSE, each held request answered
+    unavailable (52) with its own response type, and the session stays open; its next
+    request gets another connection."""
+    p, conn = dirty_pool()
+    session, client = pooled_session(p, 2)
+    session.client_data(search_request(1) + request(2, m.MODIFY_REQUEST))
+    session.client_data(extended(3, m.WHOAMI_OID))
+    fail_reset(p, conn, how)
+    assert conn.closed
+    assert conn.sent == [anonymous_bind(conn)], "nothing of the session's was sent"
+    assert codes(client) == [
+        (1, m.SEARCH_RESULT_DONE, m.UNAVAILABLE),
+        (2, m.MODIFY_RESPONSE, m.UNAVAILABLE),
+        (3, m.EXTENDED_RESPONSE, m.UNAVAILABLE),
+    ]
+    assert not client.closed
+    assert session.state is SessionState.PLAINTEXT
+    assert session.outstanding == 0
+    assert client.unlinked == [conn]
+    assert p.counts() == {"connecting": 1}, "replaced"
+    client.events.clear()
+    session.client_data(search_request(4))
+    fresh = p.connector.succeed(URL)
+    assert fresh.sent == [search_request(4)], "a new, clean connection: no reset"
+    fresh.deliver(result(4, m.SEARCH_RESULT_DONE))
+    assert codes(client) == [(4, m.SEARCH_RESULT_DONE, m.SUCCESS)]
+
+
+def test_failed_reset_after_a_failed_bind_answers_the_held_requests_unavailable() -> None:
+    """When the reset that follows a failed simple bind fails too, the bind's own answer
+    stands and the requests held behind it are answered unavailable."""
+    p, conn = dirty_pool()
+    session, client = pooled_session(p, 2)
+    bind = request(1, m.BIND_REQUEST)
+    session.client_data(bind + search_request(2))
+    conn.deliver(result(1, m.BIND_RESPONSE, INVALID_CREDENTIALS))
+    conn.answer(m.UNWILLING_TO_PERFORM)
+    assert conn.closed
+    assert conn.sent == [bind, anonymous_bind(conn)]
+    assert codes(client) == [
+        (1, m.BIND_RESPONSE, INVALID_CREDENTIALS),
+        (2, m.SEARCH_RESULT_DONE, m.UNAVAILABLE),
+    ]
+    assert not client.closed
+
+
+def test_client_gone_during_the_held_bind_closes_the_connection_and_forwards_nothing() -> None:
+    """A client that disconnects while its replacing bind is in flight: the connection is
+    released with CLOSE (an answer is due), the held search is never sent, and a late
+    answer reaches no one."""
+    p, conn = dirty_pool()
+    session, client = pooled_session(p, 2)
+    bind = request(1, m.BIND_REQUEST)
+    session.client_data(bind + search_request(2))
+    session.client_lost(connection_done())
+    assert conn.closed
+    assert p.counts() == {"connecting": 1}
+    session.upstream_frames(decode(result(1, m.BIND_RESPONSE)))
+    assert conn.sent == [bind]
+    assert client.frames() == []
+
+
+@pytest.mark.parametrize("how", ["disconnect", "unbind"])
+def test_client_gone_during_the_reset_closes_the_connection_and_forwards_nothing(
+    how: str,
+) -> None:
+    """A client that leaves while the reset bind is in flight: released with CLOSE, and the
+    held requests are never sent, neither now nor when the reset would have ended."""
+    p, conn = dirty_pool()
+    session, client = pooled_session(p, 2)
+    session.client_data(search_request(1))
+    if how == "unbind":
+        session.client_data(m.unbind_request(2))
+    session.client_lost(connection_done())
+    assert conn.closed
+    assert p.counts() == {"connecting": 1}
+    p.clock.advance(10)  # past the reset's timeout
+    assert conn.sent == [anonymous_bind(conn)]
+    assert client.frames() == []
+
+
+def test_late_reset_success_after_the_client_left_sends_nothing() -> None:
+    """With a source whose reset the test completes: a reset that succeeds after the session
+    ended neither attaches the session again nor sends its held requests."""
+    h = make_session()
+    upstream = FakeUpstream()
+    upstream.needs_reset = True
+    h.send(search_request(1))
+    h.source.succeed(upstream)
+    ((reset_conn, done),) = h.source.resets
+    assert reset_conn is upstream
+    assert upstream.sent == []
+    h.session.client_lost(connection_done())
+    assert h.source.released == [(upstream, Disposition.CLOSE)]
+    done.callback(None)
+    assert upstream.sent == []
+    assert upstream.sink is None
+    assert h.client.frames() == []
+
+
+def test_reset_is_asked_of_the_source_before_anything_is_sent() -> None:
+    """With a source whose reset the test completes: reset() is called with the leased
+    connection, nothing is sent or attached before it fires, everything after."""
+    h = make_session()
+    upstream = FakeUpstream()
+    upstream.needs_reset = True
+    h.send(search_request(1), request(2, m.BIND_REQUEST))
+    h.source.succeed(upstream)
+    ((reset_conn, done),) = h.source.resets
+    assert reset_conn is upstream
+    assert upstream.sent == []
+    assert upstream.sink is None
+    done.callback(None)
+    assert upstream.sink is h.session
+    assert upstream.received == search_request(1) + request(2, m.BIND_REQUEST)
+    assert len(h.source.resets) == 1
+
+
+def test_reset_failure_from_the_source_releases_with_close() -> None:
+    """With a source whose reset the test fails: CLOSE, unavailable answers, no send."""
+    h = make_session()
+    upstream = FakeUpstream()
+    upstream.needs_reset = True
+    h.send(search_request(1), request(2, m.ADD_REQUEST))
+    h.source.succeed(upstream)
+    h.source.resets[0][1].errback(ExchangeError("identity reset refused"))
+    assert h.source.released == [(upstream, Disposition.CLOSE)]
+    assert upstream.sent == []
+    assert [(f.message_id, f.op, m.result_code(f.data)) for f in h.client.frames()] == [
+        (1, m.SEARCH_RESULT_DONE, m.UNAVAILABLE),
+        (2, m.ADD_RESPONSE, m.UNAVAILABLE),
+    ]
+    assert not h.client.closed
+
+
+def test_clean_connection_holds_nothing_and_is_not_reset() -> None:
+    """On a connection without ``needs_reset`` a pipelined bind and search go out together,
+    and no reset is asked for or sent."""
+    p = make_pool([URL], min_idle=1, max_size=1, health_check_interval=10_000)
+    conn = p.connector.succeed(URL)
+    assert not conn.needs_reset
+    session, _ = pooled_session(p, 1)
+    bind = request(1, m.BIND_REQUEST)
+    session.client_data(bind + search_request(2))
+    assert b"".join(conn.sent) == bind + search_request(2)
+    assert conn.exchanges == []
+    h = make_session()
+    h.send(request(1, m.BIND_REQUEST), search_request(2))
+    upstream = h.source.succeed()
+    assert upstream.received == request(1, m.BIND_REQUEST) + search_request(2)
+    assert h.source.resets == []
+
+
+def test_session_that_closed_before_its_dirty_connection_came_does_not_launder_it() -> None:
+    """A session that ended while waiting gives the connection it then gets back with REUSE,
+    having sent nothing: the connection stays marked needs_reset for the next one."""
+    p = make_pool([URL], min_idle=1, max_size=1, health_check_interval=10_000)
+    conn = p.connector.succeed(URL)
+    holder, _ = pooled_session(p, 1)
+    holder.client_data(request(1, m.BIND_REQUEST))
+    conn.deliver(result(1, m.BIND_RESPONSE))
+    waiting, client = pooled_session(p, 2)
+    waiting.client_data(search_request(1))
+    assert client.paused, "waiting for the pool"
+    waiting.client_data(search_request(0))  # message ID 0: protocol error, session closes
+    assert client.closed
+    holder.client_lost(connection_done())  # RESET: handed to the waiting (closed) session
+    assert p.counts() == {"idle": 1}
+    assert conn.needs_reset, "not laundered by a session that sent nothing"
+    assert conn.exchanges == []
+    assert conn.sent == [request(1, m.BIND_REQUEST)]
+    waiting.client_lost(connection_done())
+    assert p.counts() == {"idle": 1}
+
+
+# -- bugs in the lazy reset, left failing on purpose ---------------------------------------
+
+
+def test_client_gone_during_the_reset_after_a_failed_bind_releases_with_close() -> None:
+    """After a failed simple bind the reset bind is the only thing in flight; a client that
+    leaves then must still give the connection back with CLOSE (an answer is due on it)."""
+    h = make_session()
+    upstream = FakeUpstream()
+    upstream.needs_reset = True
+    h.send(request(1, m.BIND_REQUEST))
+    h.source.succeed(upstream)
+    upstream.deliver(result(1, m.BIND_RESPONSE, INVALID_CREDENTIALS))
+    assert len(h.source.resets) == 1, "reset in flight"
+    assert h.session.outstanding == 0
+    h.session.client_lost(connection_done())
+    # BUG: Session._disposition ignores a reset in flight (_holding == _RESETTING): with
+    # nothing of the client's outstanding and a bind seen, it answers RESET.
+    assert h.source.released == [(upstream, Disposition.CLOSE)]
+
+
+def test_stale_reset_answer_never_reaches_the_next_session_as_its_bind_result() -> None:
+    """The consequence of the bug above with the real pool: the connection goes back IDLE
+    while the anonymous bind's answer is due; the next session's simple bind (message ID 1,
+    wrong password) is then answered ``success`` by that stale answer, and the directory's
+    real invalidCredentials is dropped. A bind-to-authenticate application lets the user in."""
+    p, conn = dirty_pool()
+    second, _ = pooled_session(p, 2)
+    bind = request(1, m.BIND_REQUEST)
+    second.client_data(bind)
+    conn.deliver(result(1, m.BIND_RESPONSE, INVALID_CREDENTIALS))
+    reset = anonymous_bind(conn)
+    second.client_lost(connection_done())
+
+    third, third_client = pooled_session(p, 3)
+    wrong_password = request(1, m.BIND_REQUEST)
+    third.client_data(wrong_password)
+    if conn.closed:  # the connection was not reused: the third session gets a new one
+        fresh = p.connector.succeed(URL)
+        assert fresh.sent == [wrong_password]
+        fresh.deliver(result(1, m.BIND_RESPONSE, INVALID_CREDENTIALS))
+    else:
+        # The directory answers what it got on this connection, in order: the reset's
+        # anonymous bind (success), then the third session's bind (invalidCredentials).
+        assert conn.sent[-2:] == [reset, wrong_password]
+        conn.deliver(result(1, m.BIND_RESPONSE, m.SUCCESS))
+        conn.deliver(result(1, m.BIND_RESPONSE, INVALID_CREDENTIALS))
+    assert codes(third_client) == [(1, m.BIND_RESPONSE, INVALID_CREDENTIALS)]
+
+
+def test_held_bind_answered_with_a_wrong_response_type_does_not_hold_forever() -> None:
+    """A (misbehaving) upstream that ends the held bind's message ID with something other
+    than a BindResponse must not leave the requests behind it held forever: the session
+    should treat it as a failed bind (reset) or give up on the connection."""
+    p, conn = dirty_pool()
+    session, client = pooled_session(p, 2)
+    bind = request(1, m.BIND_REQUEST)
+    session.client_data(bind + search_request(2))
+    conn.deliver(extended_done(1, m.PROTOCOL_ERROR))
+    p.clock.advance(3600)
+    answered = [f.message_id for f in client.frames()]
+    # BUG: replaced stays None (only a BindResponse sets it), so _holding keeps the bind's ID
+    # and search 2 is neither sent, nor answered, nor timed out (it counts as outstanding).
+    assert conn.exchanges or len(conn.sent) > 1 or 2 in answered or client.closed, (
+        "search 2 is held forever"
+    )
