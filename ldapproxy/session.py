@@ -428,8 +428,8 @@ class Session:
         self._upstream = upstream
         self._client.link(upstream)
         if upstream.needs_reset:
-            first = self._pending[0]
-            if first.op == m.BIND_REQUEST and _is_simple_bind(first.data):
+            first = self._pending[0] if self._pending else None
+            if first is not None and first.op == m.BIND_REQUEST and _is_simple_bind(first.data):
                 # The client's own Bind replaces the previous identity (RFC 4511 §4.2.1)
                 # if it succeeds; until its answer nothing else is sent.
                 self._holding = first.message_id
