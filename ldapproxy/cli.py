@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from ldapproxy import __version__
+
+#: Names accepted by ``run --log-level``, lowest first.
+LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -21,6 +25,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the proxy in the foreground")
     run.add_argument("-c", "--config", required=True, type=Path, help="configuration file (TOML)")
+    run.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="lowest level logged (default info; debug adds a line per client connection)",
+    )
     check = commands.add_parser("check", help="validate the configuration without serving")
     check.add_argument("-c", "--config", required=True, type=Path, help="configuration file (TOML)")
     check.add_argument(
@@ -31,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.add_argument("--ldaps-port", type=int, default=3636, help="LDAPS port (default 3636)")
     args = parser.parse_args(argv)
     if args.command == "run":
-        sys.exit(_run(args.config))
+        sys.exit(_run(args.config, args.log_level))
     if args.command == "check":
         sys.exit(_check(args.config, args.connect))
     from ldapproxy.demo import run_demo
@@ -63,14 +73,14 @@ def _load(path: Path) -> Any:
         return fail(f"{path}: {error}")
 
 
-def _run(path: Path) -> int:
+def _run(path: Path, log_level: str = "info") -> int:
     service = _load(path)
     if isinstance(service, int):
         return service
-    return serve(lambda: defer.succeed(service))
+    return serve(lambda: defer.succeed(service), log_level)
 
 
-def serve(build: Callable[[], defer.Deferred[Any]]) -> int:
+def serve(build: Callable[[], defer.Deferred[Any]], log_level: str = "info") -> int:
     """Run the reactor: ``build()`` gives the proxy service, whose listeners are bound.
 
     Returns the exit status: 0 after a signal stops the proxy, 1 if startup failed (with
@@ -105,7 +115,7 @@ def serve(build: Callable[[], defer.Deferred[Any]]) -> int:
 
         return d.addCallback(listen).addCallbacks(ready, failed)
 
-    start_logging(sys.stderr)
+    start_logging(sys.stderr, LogLevel.levelWithName(log_level))
     reactor.callWhenRunning(started)
     reactor.run()
     return exit_code

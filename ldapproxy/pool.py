@@ -385,48 +385,55 @@ class Pool:
             return defer.fail(ExchangeError("the connection is not leased from the pool"))
         _, connection = found
         connection.state = ConnectionState.RESETTING
-        done = protocol.exchange(m.anonymous_bind_request(_CONTROL_MESSAGE_ID), _CONTROL_MESSAGE_ID)
-        done.addTimeout(self._check_timeout, self._clock)
+        bind = m.anonymous_bind_request(_CONTROL_MESSAGE_ID)
 
-        def answered(frames: list[Frame]) -> None:
+        def settled(result: Any) -> Any:
             if connection.state is ConnectionState.RESETTING:
                 connection.state = ConnectionState.ACTIVE
-            final = frames[-1]
-            try:
-                code = m.result_code(final.data)
-            except BerError:
-                code = -1
-            if final.op != m.BIND_RESPONSE or code != m.SUCCESS:
-                raise ExchangeError(f"identity reset refused: {m.result_name(code)} ({code})")
+            return result
+
+        def anonymous(_: None) -> None:
             protocol.needs_reset = False
 
-        def failed(failure: Failure) -> Failure:
-            if connection.state is ConnectionState.RESETTING:
-                connection.state = ConnectionState.ACTIVE
-            if isinstance(failure.value, ExchangeError):
-                return failure
-            raise ExchangeError(f"identity reset failed: {_reason(failure) or 'timeout'}")
-
-        return done.addCallbacks(answered, failed)
+        return (
+            self._ask(protocol, bind, m.BIND_RESPONSE, "identity reset")
+            .addBoth(settled)
+            .addCallback(anonymous)
+        )
 
     def _check(self, upstream: _Upstream, connection: _Connection) -> None:
         connection.state = ConnectionState.CHECKING
         search = m.root_dse_search(_CONTROL_MESSAGE_ID, (b"1.1",))
-        self._exchange(
-            connection, search, m.SEARCH_RESULT_DONE, "health check", upstream, fresh=False
+
+        def passed(_: None) -> None:
+            if connection in upstream.connections:
+                self._idle(upstream, connection, fresh=False)
+
+        def failed(failure: Failure) -> None:
+            self._discard(connection, failure.getErrorMessage())
+
+        self._ask(connection.protocol, search, m.SEARCH_RESULT_DONE, "health check").addCallbacks(
+            passed, failed
         )
 
-    def _exchange(
-        self,
-        connection: _Connection,
-        pdu: bytes,
-        final_op: int,
-        what: str,
-        upstream: _Upstream,
-        fresh: bool,
-    ) -> None:
-        done = connection.protocol.exchange(pdu, _CONTROL_MESSAGE_ID)
+    def _ask(
+        self, protocol: UpstreamProtocol, pdu: bytes, final_op: int, what: str
+    ) -> defer.Deferred[None]:
+        """Send one of the pool's own requests (a reset, a health check or a probe) and
+        fire once its final response is ``final_op`` with ``success``.
+
+        Fails with :class:`ExchangeError` ("<what> refused: ..." or "<what> failed: ...")
+        on any other answer, a lost connection, or no answer within ``check_timeout``.
+        """
+        done = protocol.exchange(pdu, _CONTROL_MESSAGE_ID)
         done.addTimeout(self._check_timeout, self._clock)
+
+        def failed(failure: Failure) -> list[Frame]:
+            if isinstance(failure.value, defer.TimeoutError | defer.CancelledError):
+                why = f"no answer within {self._check_timeout:g} s"
+            else:
+                why = _reason(failure)
+            raise ExchangeError(f"{what} failed: {why}")
 
         def answered(frames: list[Frame]) -> None:
             final = frames[-1]
@@ -435,14 +442,10 @@ class Pool:
             except BerError:
                 code = -1
             if final.op != final_op or code != m.SUCCESS:
-                self._discard(connection, f"{what} refused: {m.result_name(code)} ({code})")
-            elif connection in upstream.connections:
-                self._idle(upstream, connection, fresh)
+                raise ExchangeError(f"{what} refused: {m.result_name(code)} ({code})")
 
-        def failed(failure: Failure) -> None:
-            self._discard(connection, f"{what} failed: {failure.getErrorMessage() or 'timeout'}")
-
-        done.addCallbacks(answered, failed)
+        # Errors of the exchange itself first, then the answer's own verdict.
+        return done.addErrback(failed).addCallback(answered)
 
     def _discard(self, connection: _Connection, reason: str | None) -> None:
         """Close ``connection`` and replace it if needed; ``reason`` says why, if unplanned."""
@@ -539,28 +542,19 @@ class Pool:
     def _probed(self, protocol: UpstreamProtocol, upstream: _Upstream) -> None:
         """A probe connected with verified TLS; it counts as UP once it reads the root DSE."""
         search = m.root_dse_search(_CONTROL_MESSAGE_ID, (b"1.1",))
-        done = protocol.exchange(search, _CONTROL_MESSAGE_ID)
-        done.addTimeout(self._check_timeout, self._clock)
 
-        def answered(frames: list[Frame]) -> None:
-            try:
-                ok = frames[-1].op == m.SEARCH_RESULT_DONE and m.result_code(frames[-1].data) == 0
-            except BerError:
-                ok = False
-            if ok:
-                self._mark_up(upstream)
-                self._opened(protocol, upstream)
-            else:
-                upstream.connecting -= 1
-                protocol.close()
-                self._mark_down(upstream, "health check refused", probe=True)
+        def passed(_: None) -> None:
+            self._mark_up(upstream)
+            self._opened(protocol, upstream)
 
         def failed(failure: Failure) -> None:
             upstream.connecting -= 1
             protocol.close()
-            self._mark_down(upstream, f"health check failed: {_reason(failure)}", probe=True)
+            self._mark_down(upstream, failure.getErrorMessage(), probe=True)
 
-        done.addCallbacks(answered, failed)
+        self._ask(protocol, search, m.SEARCH_RESULT_DONE, "health check").addCallbacks(
+            passed, failed
+        )
 
     def _maintain(self) -> None:
         """Every ``pool.health_check_interval``: check idle connections, retire old ones."""

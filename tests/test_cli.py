@@ -186,3 +186,34 @@ def test_demo_answers_ldapwhoami_zz(tmp_path: Path) -> None:
         process.wait(10)
         log.close()
     assert process.returncode == 0
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_log_level_debug_adds_a_line_per_connection(
+    tmp_path: Path, ca: CertificateAuthority, slapd: Slapd, level: str
+) -> None:
+    """--log-level debug logs each client connection's start and end; info does not."""
+    config, listeners = proxy_config(
+        tmp_path, ca, [slapd.ldaps_url], listeners=[Listener("none", "plain")]
+    )
+    proxy = ProxyProcess(config, "--log-level", level).start()
+    try:
+        result = run_ldap_tool(["ldapwhoami", "-x", "-H", listeners[0].url], slapd.ldap_env())
+        assert result.returncode == 0, result.stderr
+        if level == "debug":
+            proxy.wait_for_log(r"conn=\d+ 127\.0\.0\.1:\d+ connected to listener plain")
+            proxy.wait_for_log(
+                r"conn=\d+ 127\.0\.0\.1:\d+ closed \(client unbind\) on listener plain"
+            )
+    finally:
+        assert proxy.stop() == 0
+    if level == "info":
+        assert "connected to listener" not in proxy.log_text()
+        assert "closed (client unbind)" not in proxy.log_text()
+
+
+def test_unknown_log_level_is_refused() -> None:
+    """An unknown --log-level is a usage error."""
+    result = ldapproxy("run", "-c", "x.toml", "--log-level", "chatty")
+    assert result.returncode == 2
+    assert "--log-level" in result.stderr

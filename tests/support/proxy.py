@@ -110,8 +110,9 @@ def proxy_config(
 class ProxyProcess:
     """One ``ldapproxy run -c FILE`` subprocess; its stderr (the main log) goes to a file."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, *args: str) -> None:
         self.config_path = config_path
+        self.args = args
         self.log_path = config_path.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
@@ -125,7 +126,7 @@ class ProxyProcess:
         """Start the proxy; wait for its ready line (or its exit, if not ``expect_ready``)."""
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [LDAPPROXY, "run", "-c", str(self.config_path)],
+                [LDAPPROXY, "run", "-c", str(self.config_path), *self.args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
