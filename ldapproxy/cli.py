@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,6 +72,8 @@ def _load(path: Path) -> Any:
         return ProxyService(config, reactor)
     except TLSSetupError as error:
         return fail(f"{path}: {error}")
+    except ConfigError as error:
+        return fail(str(error))
 
 
 def _run(path: Path, log_level: str = "info") -> int:
@@ -99,6 +102,8 @@ def serve(build: Callable[[], defer.Deferred[Any]], log_level: str = "info") -> 
 
         def listen(service: Any) -> Any:
             reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+            # SIGHUP reopens the files plugins write, such as the audit log after logrotate.
+            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reopen))  # type: ignore[attr-defined]
             return service.listen().addCallback(lambda _: service)
 
         def ready(service: Any) -> None:

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ldapproxy.config import LimitsConfig, ListenerConfig
+from ldapproxy.plugin_chain import NO_PLUGINS, PluginChain
 from ldapproxy.session import Session, UpstreamSource
 from ldapproxy.tls import ServerTLS
 from ldapproxy.upstream import UpstreamProtocol
@@ -23,17 +24,6 @@ from ldapproxy.upstream import UpstreamProtocol
 log = Logger(namespace="ldapproxy.client")
 
 _session_ids = itertools.count(1)
-
-
-def format_peer(address: IAddress | None) -> str:
-    """``ip:port`` (``[ip]:port`` for IPv6) for logs and plugins."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 @implementer(IPushProducer)
@@ -88,7 +78,7 @@ class ClientProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         handle = self.transport.getHandle()  # type: ignore[union-attr]
-        self.session.tls_established(handle.get_protocol_version_name())
+        self.session.tls_established(handle.get_protocol_version_name(), handle.get_cipher_name())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         session = getattr(self, "session", None)
@@ -145,16 +135,18 @@ class ClientFactory(Factory):
         clock: IReactorTime,
         source: UpstreamSource,
         tls: ServerTLS | None,
+        plugins: PluginChain = NO_PLUGINS,
     ) -> None:
         self.listener = listener
         self.limits = limits
         self.clock = clock
         self.source = source
         self.tls = tls
+        self.plugins = plugins
         self.noisy = False
 
     def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
-        peer = format_peer(addr)
+        peer = (str(getattr(addr, "host", addr)), int(getattr(addr, "port", 0)))
 
         def make_session(client: ClientProtocol) -> Session:
             return Session(
@@ -165,6 +157,7 @@ class ClientFactory(Factory):
                 self.clock,
                 self.source,
                 client,
+                self.plugins,
             )
 
         return ClientProtocol(make_session, self.tls)

@@ -95,6 +95,19 @@ class LimitsConfig:
     max_pdu_bytes: int
     idle_timeout: float
     tls_handshake_timeout: float
+    plugin_timeout: float
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One ``[[plugin]]`` table: which plugin, and its own keys (the plugin validates them,
+    see :mod:`ldapproxy.plugin_chain`)."""
+
+    source: Path
+    #: Position among the ``[[plugin]]`` tables, from 1, for error messages.
+    index: int
+    use: str
+    options: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,7 @@ class Config:
     upstream: UpstreamConfig
     pool: PoolConfig
     limits: LimitsConfig
+    plugins: tuple[PluginSpec, ...] = ()
 
 
 # -- the option table --------------------------------------------------------------------
@@ -407,9 +421,16 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds a client has to finish its TLS handshake.",
         _positive_number,
     ),
+    Option(
+        "limits",
+        "plugin_timeout",
+        10,
+        "Seconds a plugin's decision may take before the connection or request is denied.",
+        _positive_number,
+    ),
 )
 
-_SECTIONS = ("listener", "tls", "upstream", "pool", "limits")
+_SECTIONS = ("listener", "tls", "upstream", "pool", "limits", "plugin")
 
 
 def load(path: Path) -> Config:
@@ -453,7 +474,8 @@ def parse(document: Mapping[str, Any], path: Path) -> Config:
             f"{path}: [pool] min_idle = {pool.min_idle} is larger than max_size = {pool.max_size}"
         )
     limits = LimitsConfig(**_table(document, "limits", path))
-    config = Config(path, listeners, tls, UpstreamConfig(**upstream), pool, limits)
+    plugins = _plugins(document.get("plugin"), path)
+    config = Config(path, listeners, tls, UpstreamConfig(**upstream), pool, limits, plugins)
     needs_tls = [lc for lc in listeners if lc.tls is not ListenerTLS.NONE]
     if needs_tls and not (tls.certificate and tls.private_key):
         first = needs_tls[0]
@@ -517,6 +539,26 @@ def _listeners(raw: Any, path: Path) -> tuple[ListenerConfig, ...]:
         if names.count(name) > 1:
             raise ConfigError(f"{path}: [[listener]] name = {name!r} is used more than once")
     return tuple(listeners)
+
+
+def _plugins(raw: Any, path: Path) -> tuple[PluginSpec, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError(f"{path}: plugin must be an array of tables, written [[plugin]]")
+    specs = []
+    for index, item in enumerate(raw, 1):
+        use = item.get("use")
+        if not isinstance(use, str) or not use:
+            shown = "is required" if use is None else f"= {_show(use)}: expected a plugin name"
+            raise ConfigError(
+                f"{path}: [[plugin]] #{index} use {shown} (a bundled plugin such as "
+                "'allowlist', an entry point in group ldapproxy.plugins, or "
+                "'package.module:Class')"
+            )
+        options = {k: v for k, v in item.items() if k != "use"}
+        specs.append(PluginSpec(path, index, use, options))
+    return tuple(specs)
 
 
 def _show(value: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort
@@ -13,6 +14,8 @@ from twisted.logger import Logger
 
 from ldapproxy.client import ClientFactory
 from ldapproxy.config import Config, ListenerTLS
+from ldapproxy.hooks import PluginContext
+from ldapproxy.plugin_chain import PluginChain, load_plugins
 from ldapproxy.pool import Pool
 from ldapproxy.tls import ServerTLS, UpstreamTLS
 from ldapproxy.upstream import UpstreamDialer
@@ -27,15 +30,32 @@ class ListenError(Exception):
 class ProxyService(MultiService):
     """The whole proxy for one configuration.
 
-    Building it loads every certificate and key, so a bad file fails before anything
-    listens (:class:`ldapproxy.tls.TLSSetupError`).  :meth:`listen` then binds every
-    listener and fails with :class:`ListenError` if any cannot.
+    Building it loads every certificate and key and validates every plugin's table, so a
+    bad file fails before anything listens (:class:`ldapproxy.tls.TLSSetupError`,
+    :class:`ldapproxy.config.ConfigError`).  :meth:`listen` then starts the plugins and
+    binds every listener, failing with :class:`ListenError` or
+    :class:`ldapproxy.plugin_chain.PluginStartError` if any cannot.
     """
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self._reactor = reactor
+        #: The Prometheus registry of this proxy; plugins register their metrics here.
+        self.registry = CollectorRegistry()
+        context = PluginContext(
+            reactor,
+            reactor,
+            self.registry,
+            config.path.parent,
+            tuple(listener.name for listener in config.listeners),
+        )
+        self.plugins = PluginChain(
+            load_plugins(config.plugins, context),
+            reactor,
+            config.limits.plugin_timeout,
+            self.registry,
+        )
         needs_tls = any(lc.tls is not ListenerTLS.NONE for lc in config.listeners)
         self.server_tls = ServerTLS(config.tls) if needs_tls else None
         self.upstream_tls = UpstreamTLS(config.upstream)
@@ -52,10 +72,17 @@ class ProxyService(MultiService):
 
     @defer.inlineCallbacks
     def listen(self) -> Generator[defer.Deferred[Any], Any, None]:
-        """Bind every listener, in order; on any failure, close those already bound."""
+        """Start the plugins, then bind every listener, in order; on any failure, close
+        those already bound."""
+        yield self.plugins.start()
         for listener in self.config.listeners:
             factory = ClientFactory(
-                listener, self.config.limits, self._reactor, self.pool, self.server_tls
+                listener,
+                self.config.limits,
+                self._reactor,
+                self.pool,
+                self.server_tls,
+                self.plugins,
             )
             try:
                 endpoint = endpoints.serverFromString(self._reactor, listener.endpoint)  # type: ignore[no-untyped-call]
@@ -91,4 +118,9 @@ class ProxyService(MultiService):
         super().stopService()  # type: ignore[no-untyped-call]
         closed = self.close_listeners()
         self.pool.stop()
-        return closed
+        return closed.addCallback(lambda _: self.plugins.stop())
+
+    def reopen(self) -> None:
+        """SIGHUP: reopen the files plugins write (the audit log, after logrotate)."""
+        log.info("SIGHUP: reopening plugin files")
+        self.plugins.reopen()

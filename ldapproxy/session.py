@@ -26,6 +26,9 @@ Rules, in the order they are applied to each client PDU:
   of the root DSE pass; an anonymous simple bind is answered with success locally (the
   session is anonymous anyway, and tools bind before reading the root DSE); every other
   request gets its own response type with ``confidentialityRequired``.
+* Plugins (:mod:`ldapproxy.hooks`) decide on each remaining request, in order: while a
+  verdict is pending, later requests wait and the client is not read.  A denied request
+  is answered with the verdict's result code and never reaches the upstream.
 * Unbind ends the session; it is not forwarded.
 * Everything else is forwarded unchanged, and its message ID recorded as outstanding until
   its final response.  Responses for message IDs that are not outstanding are dropped;
@@ -45,6 +48,9 @@ from twisted.python.failure import Failure
 from ldapproxy import messages as m
 from ldapproxy.ber import BerError, Frame, Framer, FramingError, PDUTooLarge
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
+from ldapproxy.fields import decode_fields
+from ldapproxy.hooks import Connection, Disconnect, Request, Response
+from ldapproxy.plugin_chain import NO_PLUGINS, Decision, PluginChain
 from ldapproxy.pool import Disposition, PoolBusy
 from ldapproxy.upstream import NoUpstreamAvailable, UpstreamProtocol
 
@@ -151,25 +157,55 @@ _STATELESS_CONTROLS = frozenset(
 )
 
 
+class _Operation:
+    """A request that plugins saw, until its final response."""
+
+    __slots__ = ("entries", "references", "request")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.entries = 0
+        self.references = 0
+
+
 class Session:
     """One client connection, from accept to close, and the upstream it uses."""
 
     def __init__(
         self,
         session_id: int,
-        peer: str,
+        peer: tuple[str, int],
         listener: ListenerConfig,
         limits: LimitsConfig,
         clock: IReactorTime,
         source: UpstreamSource,
         client: ClientPort,
+        plugins: PluginChain = NO_PLUGINS,
     ) -> None:
         self.id = session_id
-        self.peer = peer
+        self.client_host, self.client_port = peer
+        #: ``ip:port`` (``[ip]:port`` for IPv6), as in log lines.
+        self.peer = (
+            f"[{self.client_host}]:{self.client_port}"
+            if ":" in self.client_host
+            else f"{self.client_host}:{self.client_port}"
+        )
         self.listener = listener
         self.state = SessionState.PLAINTEXT
         #: TLS protocol version name once the client's TLS is up, e.g. "TLSv1.3".
         self.tls_version: str | None = None
+        self.tls_cipher: str | None = None
+        #: The DN of the last successful simple bind, for plugins (see hooks.Connection).
+        self.bound_dn: str | None = None
+        self._plugins = plugins
+        self._view: Connection | None = None
+        #: Operations plugins saw, by message ID, until their final response.
+        self._ops: dict[int, _Operation] = {}
+        #: Requests framed while a plugin's verdict is pending, in order; else None.
+        self._waiting: list[Frame] | None = None
+        #: Why client reads are paused: "upstream" (waiting for one), "verdict".
+        self._holds: set[str] = set()
+        self._denied: Decision | None = None
         self._limits = limits
         self._clock = clock
         self._source = source
@@ -181,7 +217,6 @@ class Session:
         self._upstream: UpstreamProtocol | None = None
         self._acquiring: defer.Deferred[UpstreamProtocol] | None = None
         self._pending: list[Frame] = []
-        self._paused = False
         #: While the leased connection's previous identity is being replaced, nothing but
         #: the replacing request may be sent: the message ID of the client's simple Bind
         #: that replaces it, _RESETTING during the proxy's own anonymous Bind, else None.
@@ -218,7 +253,36 @@ class Session:
     # -- client events ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """The client connection is established."""
+        """The client connection is established; nothing has been read yet."""
+        if self._plugins.decides_connections:
+            decision = _now_or_later(self._plugins.connection_accepted(self._connection()))
+            if isinstance(decision, defer.Deferred):
+                self._hold_reading("verdict")
+                decision.addCallback(self._accept_decided)
+                return
+            self._accept_decided(decision)
+            return
+        self._serve()
+
+    def _accept_decided(self, decision: Decision) -> None:
+        if self._ending:
+            return  # the client left while plugins were deciding
+        if not decision.allowed:
+            self._denied = decision
+            log.info(
+                "{prefix} connection refused by plugin {plugin} ({reason}) on listener {listener}",
+                prefix=self.prefix,
+                plugin=decision.plugin,
+                reason=decision.verdict.reason,
+                listener=self.listener.name,
+            )
+            # Nothing is written: a refused host learns nothing, not even that it is LDAP.
+            self._close(f"denied by {decision.plugin}", notice=None)
+            return
+        self._release_reading("verdict")
+        self._serve()
+
+    def _serve(self) -> None:
         self._idle_timer = self._clock.callLater(self._limits.idle_timeout, self._check_idle)
         if self.listener.tls is ListenerTLS.LDAPS:
             self._begin_tls()
@@ -240,7 +304,15 @@ class Session:
             self._violation("malformed LDAP message", f"framing error: {error}")
             return
         self._requests += len(frames)
+        if self._waiting is not None:
+            self._waiting.extend(frames)  # behind a request whose verdict is pending
+            return
+        self._process(frames)
+
+    def _process(self, frames: list[Frame]) -> None:
+        """Apply the rules of the module docstring to ``frames``, in order."""
         forward: list[Frame] = []
+        plugins = self._plugins
         for index, frame in enumerate(frames):
             message_id, op, pdu = frame
             oid = None
@@ -260,50 +332,187 @@ class Session:
                     trailing = self._framer.buffered + sum(len(f.data) for f in frames[index + 1 :])
                     self._starttls(message_id, trailing)
                     return
+            if message_id in self._outstanding and message_id not in self._abandoned:
+                self._violation(
+                    "message ID in use",
+                    f"message ID {message_id} reused while its operation is outstanding",
+                )
+                return
+            request = None
+            if plugins.tracks_operations:
+                request = self._track(frame)
+                if request is None:
+                    return
             if self._refused_before_tls(frame):
                 if self._ending:
                     return
                 continue
-            if op == m.UNBIND_REQUEST:
-                self._forward(forward)
-                self._close("client unbind", notice=None)
+            if request is not None and plugins.decides_requests:
+                decision = _now_or_later(plugins.request(request))
+                if isinstance(decision, defer.Deferred):
+                    # Later requests wait for this verdict, unread beyond what arrived.
+                    self._forward(forward)
+                    self._waiting = frames[index + 1 :]
+                    self._hold_reading("verdict")
+                    decision.addCallback(self._request_decided, frame)
+                    return
+                if not decision.allowed:
+                    self._deny(frame, decision)
+                    if self._ending:
+                        return
+                    continue
+            if not self._admit(frame, oid, forward):
                 return
-            if op == m.ABANDON_REQUEST:
-                try:
-                    target = m.abandon_target(pdu)
-                except BerError as error:
-                    self._violation("malformed LDAP message", f"bad AbandonRequest: {error}")
-                    return
-                if target in self._outstanding:
-                    self._abandoned.add(target)
-                    forward.append(frame)
-                continue
-            if message_id in self._outstanding:
-                if message_id not in self._abandoned:
-                    self._violation(
-                        "message ID in use",
-                        f"message ID {message_id} reused while its operation is outstanding",
-                    )
-                    return
-                self._abandoned.discard(message_id)
-                # The abandoned operation's results may still arrive under this ID, after
-                # the new one's: never hand this connection to another session.
-                self._stateful = True
-            self._outstanding[message_id] = op
-            if op == m.BIND_REQUEST:
-                self._bound = True
-                # A SASL bind may negotiate a security layer the proxy cannot speak,
-                # so the reset bind could not be sent: such a connection is not reused.
-                self._stateful |= _is_sasl(pdu)
-            elif op == m.EXTENDED_REQUEST:
-                self._stateful |= oid not in _STATELESS_EXTENDED
-            elif op not in m.REQUEST_NAMES:
-                self._stateful = True
-            self._note_controls(message_id, pdu)
-            forward.append(frame)
         self._forward(forward)
 
-    def tls_established(self, version: str) -> None:
+    def _admit(self, frame: Frame, oid: bytes | None, forward: list[Frame]) -> bool:
+        """Queue ``frame`` for the upstream (or end the session for Unbind); False once
+        the session is ending."""
+        message_id, op, pdu = frame
+        if op == m.UNBIND_REQUEST:
+            self._forward(forward)
+            forward.clear()
+            self._close("client unbind", notice=None)
+            return False
+        if op == m.ABANDON_REQUEST:
+            try:
+                target = m.abandon_target(pdu)
+            except BerError as error:
+                self._violation("malformed LDAP message", f"bad AbandonRequest: {error}")
+                return False
+            if target in self._outstanding:
+                self._abandoned.add(target)
+                forward.append(frame)
+            return True
+        if message_id in self._outstanding:
+            # Reusing an abandoned operation's message ID (a live one was refused above).
+            self._abandoned.discard(message_id)
+            # The abandoned operation's results may still arrive under this ID, after
+            # the new one's: never hand this connection to another session.
+            self._stateful = True
+        self._outstanding[message_id] = op
+        if op == m.BIND_REQUEST:
+            self._bound = True
+            # A SASL bind may negotiate a security layer the proxy cannot speak,
+            # so the reset bind could not be sent: such a connection is not reused.
+            self._stateful |= _is_sasl(pdu)
+        elif op == m.EXTENDED_REQUEST:
+            self._stateful |= oid not in _STATELESS_EXTENDED
+        elif op not in m.REQUEST_NAMES:
+            self._stateful = True
+        self._note_controls(message_id, pdu)
+        forward.append(frame)
+        return True
+
+    # -- plugins -----------------------------------------------------------------------
+
+    def _connection(self) -> Connection:
+        """The plugins' view of this connection, rebuilt only when something changed."""
+        view = self._view
+        if view is None:
+            view = self._view = Connection(
+                self.id,
+                self.client_host,
+                self.client_port,
+                self.listener.name,
+                self.tls_version,
+                self.tls_cipher,
+                self.bound_dn,
+                self._started,
+            )
+        return view
+
+    def _track(self, frame: Frame) -> Request | None:
+        """The plugins' view of a request, remembered until its final response; None if
+        a field a plugin asked for cannot be decoded (the session is then closing)."""
+        message_id, op, pdu = frame
+        name = m.REQUEST_NAMES.get(op, "unknown")
+        fields = None
+        # Binds are always decoded: the bound DN is part of the connection view.
+        if name in self._plugins.fields_for or op == m.BIND_REQUEST:
+            try:
+                fields = decode_fields(op, pdu)
+            except BerError as error:
+                self._violation("malformed LDAP message", f"undecodable {name} request: {error}")
+                return None
+        request = Request(self._connection(), message_id, name, fields, self._clock.seconds())
+        if op in m.RESPONSE_FOR_REQUEST:
+            self._ops[message_id] = _Operation(request)
+        return request
+
+    def _request_decided(self, decision: Decision, frame: Frame) -> None:
+        if self._ending:
+            return
+        waiting, self._waiting = self._waiting or [], None
+        if decision.allowed:
+            forward: list[Frame] = []
+            oid = m.extended_request_name(frame.data) if frame.op == m.EXTENDED_REQUEST else None
+            if not self._admit(frame, oid, forward):
+                return
+            self._forward(forward)
+        else:
+            self._deny(frame, decision)
+            if self._ending:
+                return
+        self._process(waiting)
+        if self._waiting is None and not self._ending:
+            self._release_reading("verdict")
+
+    def _deny(self, frame: Frame, decision: Decision) -> None:
+        message_id, op, _ = frame
+        verdict = decision.verdict
+        log.info(
+            "{prefix} {op} (message ID {id}) denied by plugin {plugin} ({reason}): {message}",
+            prefix=self.prefix,
+            op=m.REQUEST_NAMES.get(op, f"op 0x{op:02x}"),
+            id=message_id,
+            plugin=decision.plugin,
+            reason=verdict.reason,
+            message=verdict.message,
+        )
+        if op == m.UNBIND_REQUEST:
+            self._close("client unbind", notice=None)  # the client is leaving regardless
+            return
+        reply = m.error_for_request(message_id, op, verdict.code, verdict.message)
+        if reply is not None:
+            self._client.write(reply)
+        self._op_done(message_id, verdict.code, local=True, denied_by=decision.plugin)
+
+    def _op_done(
+        self, message_id: int, code: int, *, local: bool = False, denied_by: str | None = None
+    ) -> None:
+        """Tell plugins that the operation ``message_id`` got its final response."""
+        operation = self._ops.pop(message_id, None)
+        if operation is None:
+            return
+        request = operation.request
+        if request.op == "bind":
+            self._bound_as(request, code)
+        self._plugins.response(
+            Response(
+                request,
+                code,
+                operation.entries,
+                operation.references,
+                self._clock.seconds() - request.received,
+                denied_by,
+                local,
+            )
+        )
+
+    def _bound_as(self, request: Request, code: int) -> None:
+        fields = request.fields
+        if code == m.SUCCESS and fields is not None and fields.mechanism == "simple":
+            bound: str | None = fields.dn
+        elif code == m.SASL_BIND_IN_PROGRESS:
+            return
+        else:
+            bound = None  # a failed bind leaves the connection anonymous (RFC 4513 §5.1.1)
+        if bound != self.bound_dn:
+            self.bound_dn = bound
+            self._view = None
+
+    def tls_established(self, version: str, cipher: str | None = None) -> None:
         """The client's TLS handshake completed."""
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
@@ -311,7 +520,11 @@ class Session:
         if self.state is SessionState.HANDSHAKE:
             self.state = SessionState.SECURE
             self.tls_version = version
+            self.tls_cipher = cipher
+            self._view = None
             log.debug("{prefix} TLS established ({version})", prefix=self.prefix, version=version)
+            if self._plugins.active:
+                self._plugins.tls_started(self._connection())
 
     def client_lost(self, reason: Failure) -> None:
         """The client connection is closed (by either side)."""
@@ -333,9 +546,22 @@ class Session:
             tls=f", {self.tls_version}" if self.tls_version else "",
         )
         self._cancel_timers()
+        self._waiting = None
         if self._acquiring is not None:
             self._acquiring.cancel()
         self._release_upstream()
+        if self._plugins.active and previous is not SessionState.CLOSED:
+            denied = self._denied
+            self._plugins.disconnected(
+                Disconnect(
+                    self._connection(),
+                    self._close_reason or "client disconnected",
+                    self._clock.seconds() - self._started,
+                    self._requests,
+                    denied.plugin if denied else None,
+                    denied.verdict.reason if denied else "",
+                )
+            )
 
     # -- upstream events (UpstreamSink) ------------------------------------------------
 
@@ -347,6 +573,7 @@ class Session:
         replaced: bool | None = None
         out = []
         outstanding = self._outstanding
+        ops = self._ops
         for frame in frames:
             message_id = frame.message_id
             if message_id in outstanding:
@@ -361,6 +588,13 @@ class Session:
                         replaced = code == m.SUCCESS
                     elif message_id in self._paged:
                         self._paged_done(self._paged.pop(message_id), frame)
+                    if ops:
+                        self._op_done(message_id, _result(frame) if code is None else code)
+                elif ops and message_id in ops:
+                    if frame.op == m.SEARCH_RESULT_ENTRY:
+                        ops[message_id].entries += 1
+                    elif frame.op == m.SEARCH_RESULT_REFERENCE:
+                        ops[message_id].references += 1
                 out.append(frame.data)
             elif message_id == 0:
                 if frame.op == m.EXTENDED_RESPONSE and _is_notice(frame.data):
@@ -417,8 +651,7 @@ class Session:
             acquiring.addCallbacks(self._acquired, self._acquire_failed)
             if self._acquiring is acquiring:
                 # Still waiting (the pool had nothing idle): read no more meanwhile.
-                self._paused = True
-                self._client.pause_reading()
+                self._hold_reading("upstream")
 
     def _acquired(self, upstream: UpstreamProtocol) -> None:
         self._acquiring = None
@@ -479,9 +712,18 @@ class Session:
         self._fail_pending(m.UNAVAILABLE, "no upstream directory is available")
 
     def _resume(self) -> None:
-        if self._paused:
-            self._paused = False
-            self._client.resume_reading()
+        self._release_reading("upstream")
+
+    def _hold_reading(self, why: str) -> None:
+        if not self._holds:
+            self._client.pause_reading()
+        self._holds.add(why)
+
+    def _release_reading(self, why: str) -> None:
+        if why in self._holds:
+            self._holds.discard(why)
+            if not self._holds:
+                self._client.resume_reading()
 
     def _acquire_failed(self, failure: Failure) -> None:
         self._acquiring = None
@@ -523,6 +765,9 @@ class Session:
                 replies.append(reply)
         if replies:
             self._client.write(b"".join(replies))
+        if self._ops:
+            for message_id, _, _ in pending:
+                self._op_done(message_id, code, local=True)
         self._resume()
 
     def _release_upstream(self) -> None:
@@ -592,6 +837,7 @@ class Session:
                 # anonymous already (nothing else can have passed before TLS), so the
                 # bind is answered here and never reaches the upstream.
                 self._client.write(m.result_message(message_id, m.BIND_RESPONSE, m.SUCCESS, ""))
+                self._op_done(message_id, m.SUCCESS, local=True)
                 return True
         except BerError:
             pass
@@ -605,6 +851,7 @@ class Session:
             )
         else:
             self._client.write(reply)
+            self._op_done(message_id, m.CONFIDENTIALITY_REQUIRED, local=True)
         return True
 
     def _starttls(self, message_id: int, trailing: int) -> None:
@@ -664,7 +911,8 @@ class Session:
             return
         timeout = self._limits.idle_timeout
         idle_for = self._clock.seconds() - self._last_activity
-        if self.outstanding or self._acquiring is not None or idle_for < timeout:
+        busy = self.outstanding or self._acquiring is not None or self._waiting is not None
+        if busy or idle_for < timeout:
             # Not idle: look again when it could first be.
             delay = timeout - idle_for if idle_for < timeout else timeout
             self._idle_timer = self._clock.callLater(delay, self._check_idle)
@@ -698,6 +946,20 @@ class Session:
             if timer is not None and timer.active():
                 timer.cancel()
         self._idle_timer = self._handshake_timer = None
+
+
+def _now_or_later(
+    decision: Decision | defer.Deferred[Decision],
+) -> Decision | defer.Deferred[Decision]:
+    """The decision itself if it is already known (also from a fired Deferred), so that
+    plugins answering with ``defer.succeed()`` don't nest a stack frame per request."""
+    if not isinstance(decision, defer.Deferred):
+        return decision
+    known: list[Decision] = []
+    decision.addCallback(known.append)
+    if known:
+        return known[0]
+    return decision.addCallback(lambda _: known[0])
 
 
 def _result(frame: Frame) -> int:

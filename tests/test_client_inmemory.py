@@ -165,7 +165,7 @@ class Connection:
         self._ca_pem = ca_pem
         factory = ClientFactory(
             ListenerConfig("test", "tcp:0", tls),
-            LimitsConfig(1 << 20, IDLE_TIMEOUT, HANDSHAKE_TIMEOUT),
+            LimitsConfig(1 << 20, IDLE_TIMEOUT, HANDSHAKE_TIMEOUT, 10.0),
             self.clock,
             self.source,
             server_tls,

@@ -60,6 +60,7 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "limits.max_pdu_bytes": loaded.limits.max_pdu_bytes,
         "limits.idle_timeout": loaded.limits.idle_timeout,
         "limits.tls_handshake_timeout": loaded.limits.tls_handshake_timeout,
+        "limits.plugin_timeout": loaded.limits.plugin_timeout,
     }
     assert defaults == {
         "listener.name": "listener0",
@@ -81,6 +82,7 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "limits.max_pdu_bytes": 1048576,
         "limits.idle_timeout": 900.0,
         "limits.tls_handshake_timeout": 10.0,
+        "limits.plugin_timeout": 10.0,
     }
     for key in ("upstream.connect_timeout", "limits.idle_timeout", "limits.tls_handshake_timeout"):
         assert type(defaults[key]) is float, key
@@ -165,7 +167,7 @@ tls_handshake_timeout = 0.5
         "ldap://[::1]:1389",
         "ldaps://dc2.example.com:636",
     ]
-    assert loaded.limits == config.LimitsConfig(2048, 60.0, 0.5)
+    assert loaded.limits == config.LimitsConfig(2048, 60.0, 0.5, 10.0)
 
 
 def test_systemd_endpoint_is_accepted_unparsed(tmp_path: Path) -> None:

@@ -261,3 +261,92 @@ def test_index_lists_every_page() -> None:
     toctree = text.split(".. toctree::", 1)[1].splitlines()[1:]
     pages = {line.strip() for line in toctree if line.strip() and not line.strip().startswith(":")}
     assert pages == {page.stem for page in DOCS.glob("*.rst")} - {"index"}
+
+
+# -- plugins ----------------------------------------------------------------------------------
+
+PLUGINS_DOC = DOCS / "plugins.rst"
+BUNDLED = ("allowlist", "audit", "bind_guard")
+
+
+def plugin_entries() -> dict[str, list[str]]:
+    """Every ``plugin.key`` title in docs/plugins.rst with its ``:default:`` lines."""
+    text = PLUGINS_DOC.read_text()
+    lines = text.splitlines()
+    all_titles = titles(text)
+    entries: dict[str, list[str]] = {}
+    for position, title in enumerate(all_titles):
+        key = re.fullmatch(r"``(\w+\.\w+)``", title.text)
+        if key is None:
+            continue
+        end = all_titles[position + 1].line if position + 1 < len(all_titles) else len(lines)
+        entries[key.group(1)] = [
+            match.group(1)
+            for line in lines[title.line + 2 : end]
+            if (match := re.fullmatch(r":default: (.*)", line))
+        ]
+    return entries
+
+
+def bundled_options() -> dict[str, str]:
+    """``plugin.key`` -> documented default, for every key of every bundled plugin."""
+    from ldapproxy.plugin_chain import resolve
+
+    return {
+        f"{name}.{key}": default
+        for name in BUNDLED
+        for key, default in resolve(name).options.items()
+    }
+
+
+def example_plugins() -> dict[str, dict[str, Any]]:
+    """The example's ``[[plugin]]`` tables by ``use``."""
+    return {table["use"]: table for table in example().get("plugin", [])}
+
+
+def test_plugins_doc_documents_every_bundled_plugin_key() -> None:
+    """docs/plugins.rst has one entry per bundled plugin key with its default, and no
+    entry for a key that does not exist."""
+    entries = plugin_entries()
+    options = bundled_options()
+    for dotted, default in options.items():
+        assert entries.get(dotted) == [default], dotted
+    assert set(entries) == set(options)
+
+
+def test_example_loads_every_bundled_plugin_with_every_key() -> None:
+    """The example configuration has a [[plugin]] table for each bundled plugin, with
+    every key, at its default unless the default is ``required``; the tables validate."""
+    from ldapproxy import testing
+    from ldapproxy.plugin_chain import load_plugins, resolve
+
+    tables = example_plugins()
+    assert set(tables) == set(BUNDLED)
+    for name in BUNDLED:
+        cls = resolve(name)
+        table = {k: v for k, v in tables[name].items() if k != "use"}
+        assert set(table) == set(cls.options), name
+        for key, default in cls.options.items():
+            if default != "required":
+                assert toml_value(table[key]) == default, f"{name}.{key}"
+    loaded = config.parse(example(), EXAMPLE)
+    plugins = load_plugins(loaded.plugins, testing.context(listeners=("ldap", "ldaps")))
+    assert [plugin.name for plugin in plugins] == [t for t in tables]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_plugin_reads_exactly_its_documented_keys(name: str) -> None:
+    """Each bundled plugin reads every key it declares in ``options`` and no other."""
+    from ldapproxy import testing
+    from ldapproxy.plugin_chain import resolve
+
+    cls = resolve(name)
+    table = {k: v for k, v in example_plugins()[name].items() if k != "use"}
+    options = testing.options(table)
+    cls.from_config(options, testing.context())
+    assert options._read == set(cls.options)
+
+
+def test_index_and_readme_point_to_plugins_doc() -> None:
+    """The plugin guide is reachable from the README."""
+    assert "docs/plugins.rst" in README.read_text()

@@ -452,9 +452,9 @@ def pooled_session(p: PoolHarness, session_id: int) -> tuple[Session, FakeClient
     client = FakeClient()
     session = Session(
         session_id,
-        f"192.0.2.{session_id}:50000",
+        (f"192.0.2.{session_id}", 50000),
         ListenerConfig("test", "tcp:389", ListenerTLS.STARTTLS_OPTIONAL),
-        LimitsConfig(1 << 20, 900.0, 10.0),
+        LimitsConfig(1 << 20, 900.0, 10.0, 10.0),
         p.clock,
         p.pool,
         client,

@@ -9,6 +9,7 @@ in :attr:`FakeClient.events`; :class:`FakeUpstream` stands in for an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ from ldapproxy.ber import (
     tlv,
 )
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
+from ldapproxy.hooks import Plugin
+from ldapproxy.plugin_chain import NO_PLUGINS, PluginChain
 from ldapproxy.pool import Disposition
 from ldapproxy.session import Session
 from ldapproxy.upstream import NoUpstreamAvailable, UpstreamError
@@ -263,19 +266,25 @@ def make_session(
     idle_timeout: float = 900.0,
     tls_handshake_timeout: float = 10.0,
     start: bool = True,
+    plugins: Sequence[Plugin] = (),
+    plugin_timeout: float = 10.0,
 ) -> Harness:
-    """A started session on a listener with ``tls``, and its fakes."""
+    """A started session on a listener with ``tls``, and its fakes.  ``plugins`` get the
+    names ``p0``, ``p1``... unless they have one."""
     clock = Clock()
     client = FakeClient()
     source = FakeSource()
+    for index, plugin in enumerate(plugins):
+        plugin.name = plugin.name or f"p{index}"
     session = Session(
         7,
-        "192.0.2.10:50000",
+        ("192.0.2.10", 50000),
         ListenerConfig("test", "tcp:389", tls),
-        LimitsConfig(max_pdu_bytes, idle_timeout, tls_handshake_timeout),
+        LimitsConfig(max_pdu_bytes, idle_timeout, tls_handshake_timeout, plugin_timeout),
         clock,
         source,
         client,
+        PluginChain(plugins, clock, plugin_timeout) if plugins else NO_PLUGINS,
     )
     if start:
         session.start()

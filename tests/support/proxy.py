@@ -39,21 +39,27 @@ class Listener:
 
 
 def toml_value(value: object) -> str:
-    """A TOML literal for strings, numbers, booleans and lists of those."""
+    """A TOML literal for strings, numbers, booleans, and lists and inline tables of those."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     text = str(value)
     if "'" not in text and "\n" not in text:
         return f"'{text}'"
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_toml(listeners: list[Listener], sections: dict[str, dict[str, object]]) -> str:
-    """A configuration file with the given listeners and tables."""
+def render_toml(
+    listeners: list[Listener],
+    sections: dict[str, dict[str, object]],
+    plugins: list[dict[str, object]] | None = None,
+) -> str:
+    """A configuration file with the given listeners, tables and ``[[plugin]]`` tables."""
     lines = []
     for listener in listeners:
         lines += [
@@ -67,6 +73,10 @@ def render_toml(listeners: list[Listener], sections: dict[str, dict[str, object]
         lines.append(f"[{section}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         lines.append("")
+    for plugin in plugins or []:
+        lines.append("[[plugin]]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in plugin.items()]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -79,6 +89,7 @@ def proxy_config(
     limits: dict[str, object] | None = None,
     tls: dict[str, object] | None = None,
     pool: dict[str, object] | None = None,
+    plugins: list[dict[str, object]] | None = None,
 ) -> tuple[Path, list[Listener]]:
     """Write a configuration with one listener per TLS mode (unless given) and a
     certificate for the proxy from ``ca``; return its path and the listeners."""
@@ -103,16 +114,17 @@ def proxy_config(
     if limits:
         sections["limits"] = limits
     path = workdir / "ldapproxy.toml"
-    path.write_text(render_toml(listeners, sections))
+    path.write_text(render_toml(listeners, sections, plugins))
     return path, listeners
 
 
 class ProxyProcess:
     """One ``ldapproxy run -c FILE`` subprocess; its stderr (the main log) goes to a file."""
 
-    def __init__(self, config_path: Path, *args: str) -> None:
+    def __init__(self, config_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.args = args
+        self.env = env or {}
         self.log_path = config_path.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
@@ -130,7 +142,7 @@ class ProxyProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "PYTHONWARNINGS": "error::ResourceWarning"},
+                env={**os.environ, "PYTHONWARNINGS": "error::ResourceWarning", **self.env},
             )
         if expect_ready:
             self.wait_for_log(r"ldapproxy \S+ ready", timeout)
