@@ -86,6 +86,13 @@ def _key_type() -> str:
     return value
 
 
+def _plugins() -> bool:
+    value = os.environ.get("BENCH_PLUGINS", "none")
+    if value not in ("none", "all"):
+        raise SystemExit(f"bench: BENCH_PLUGINS={value!r}: use none or all")
+    return value == "all"
+
+
 @dataclass(frozen=True)
 class Settings:
     users: int
@@ -98,6 +105,7 @@ class Settings:
     slapd_threads: int
     pool_min_idle: int
     key_type: str
+    plugins: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -118,6 +126,7 @@ class Settings:
             slapd_threads=_env_number("BENCH_SLAPD_THREADS", 8),
             key_type=_key_type(),
             pool_min_idle=_env_number("BENCH_POOL_MIN_IDLE", 16),
+            plugins=_plugins(),
         )
 
     @property
@@ -374,6 +383,22 @@ ca_file = "{tls_dir / "ca.pem"}"
 [pool]
 min_idle = {settings.pool_min_idle}
 max_size = {settings.pool_max_size}
+""" + (_PLUGINS.format(audit=workdir / "audit.jsonl") if settings.plugins else "")
+
+
+#: BENCH_PLUGINS=all: every bundled plugin, as an operator would run them.
+_PLUGINS = """
+[[plugin]]
+use = "allowlist"
+rules = [{{ networks = ["127.0.0.0/8"] }}]
+
+[[plugin]]
+use = "bind_guard"
+max_failures_per_ip = 1000000
+
+[[plugin]]
+use = "audit"
+path = "{audit}"
 """
 
 

@@ -3,6 +3,7 @@ operations they may send."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ class Allowlist(Plugin):
         return ALLOW
 
 
+@functools.lru_cache(maxsize=4096)
 def _addresses(host: str) -> tuple[Address, ...]:
     """The addresses ``host`` stands for: an IPv4-mapped IPv6 address (what a dual-stack
     listener reports for an IPv4 client) is also its IPv4 address, so IPv4 rules match it."""

@@ -42,6 +42,8 @@ log = Logger(namespace="ldapproxy.plugins.audit")
 STDOUT: Final = "-"
 #: The most a summary of dropped records is repeated, in seconds of clock time.
 DROP_SUMMARY_INTERVAL: Final = 10.0
+#: How long the writer lets records gather before writing them, in seconds.
+BATCH_INTERVAL: Final = 0.02
 #: How long :meth:`Audit.stop` waits for the writer to flush, in seconds of clock time.
 STOP_TIMEOUT: Final = 5.0
 #: Mode of a newly created audit file (before the umask): the proxy's group may read it.
@@ -119,6 +121,9 @@ def is_schema_dn(dn: str) -> bool:
 def redact_dn(dn: str) -> str:
     """``dn`` with the value of any password attribute (an RDN like ``userPassword=...``)
     replaced with ``***``; any other DN comes back unchanged."""
+    lowered = dn.lower()
+    if not any(name in lowered for name in PASSWORD_ATTRIBUTES):
+        return dn  # the usual case, without splitting the DN
     parts = _split_dn(dn)
     redacted = False
     for index in range(0, len(parts), 2):
@@ -390,7 +395,9 @@ class FileSink:
             if not full:
                 self._items.append(line)
                 self.queued += 1
-                self._cond.notify()
+                if self.queued == 1:
+                    # Only the first record of a batch wakes the writer (see _run).
+                    self._cond.notify()
         if full:
             self._losses.drop(
                 1,
@@ -487,6 +494,11 @@ class FileSink:
                 with self._cond:
                     while not self._items and not self._closing:
                         self._cond.wait()
+                if not self._closing:
+                    # Let the records of the next moments gather, so that a busy proxy pays
+                    # for one write and one thread switch per batch, not per record.
+                    time.sleep(BATCH_INTERVAL)
+                with self._cond:
                     if not self._items:
                         break  # closing, and everything is written
                     items = list(self._items)
