@@ -48,10 +48,9 @@ from twisted.python.failure import Failure
 from ldapproxy import messages as m
 from ldapproxy.ber import BerError, Frame, Framer, FramingError, PDUTooLarge
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
-from ldapproxy.fields import decode_fields
-from ldapproxy.hooks import Connection, Disconnect, Request, Response
 from ldapproxy.plugin_chain import NO_PLUGINS, Decision, PluginChain
 from ldapproxy.pool import Disposition, PoolBusy
+from ldapproxy.session_events import SessionEvents
 from ldapproxy.upstream import NoUpstreamAvailable, UpstreamProtocol
 
 log = Logger(namespace="ldapproxy.session")
@@ -157,17 +156,6 @@ _STATELESS_CONTROLS = frozenset(
 )
 
 
-class _Operation:
-    """A request that plugins saw, until its final response."""
-
-    __slots__ = ("entries", "references", "request")
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.entries = 0
-        self.references = 0
-
-
 class Session:
     """One client connection, from accept to close, and the upstream it uses."""
 
@@ -194,18 +182,12 @@ class Session:
         self.state = SessionState.PLAINTEXT
         #: TLS protocol version name once the client's TLS is up, e.g. "TLSv1.3".
         self.tls_version: str | None = None
-        self.tls_cipher: str | None = None
-        #: The DN of the last successful simple bind, for plugins (see hooks.Connection).
-        self.bound_dn: str | None = None
         self._plugins = plugins
-        self._view: Connection | None = None
-        #: Operations plugins saw, by message ID, until their final response.
-        self._ops: dict[int, _Operation] = {}
+        self._events = SessionEvents(plugins, session_id, peer, listener.name, clock)
         #: Requests framed while a plugin's verdict is pending, in order; else None.
         self._waiting: list[Frame] | None = None
         #: Why client reads are paused: "upstream" (waiting for one), "verdict".
         self._holds: set[str] = set()
-        self._denied: Decision | None = None
         self._limits = limits
         self._clock = clock
         self._source = source
@@ -255,7 +237,7 @@ class Session:
     def start(self) -> None:
         """The client connection is established; nothing has been read yet."""
         if self._plugins.decides_connections:
-            decision = _now_or_later(self._plugins.connection_accepted(self._connection()))
+            decision = _now_or_later(self._plugins.connection_accepted(self._events.connection()))
             if isinstance(decision, defer.Deferred):
                 self._hold_reading("verdict")
                 decision.addCallback(self._accept_decided)
@@ -268,7 +250,7 @@ class Session:
         if self._ending:
             return  # the client left while plugins were deciding
         if not decision.allowed:
-            self._denied = decision
+            self._events.denied = decision
             log.info(
                 "{prefix} connection refused by plugin {plugin} ({reason}) on listener {listener}",
                 prefix=self.prefix,
@@ -340,8 +322,13 @@ class Session:
                 return
             request = None
             if plugins.tracks_operations:
-                request = self._track(frame)
-                if request is None:
+                try:
+                    request = self._events.request(frame)
+                except BerError as error:
+                    name = m.REQUEST_NAMES.get(op, "unknown")
+                    self._violation(
+                        "malformed LDAP message", f"undecodable {name} request: {error}"
+                    )
                     return
             if self._refused_before_tls(frame):
                 if self._ending:
@@ -406,40 +393,6 @@ class Session:
 
     # -- plugins -----------------------------------------------------------------------
 
-    def _connection(self) -> Connection:
-        """The plugins' view of this connection, rebuilt only when something changed."""
-        view = self._view
-        if view is None:
-            view = self._view = Connection(
-                self.id,
-                self.client_host,
-                self.client_port,
-                self.listener.name,
-                self.tls_version,
-                self.tls_cipher,
-                self.bound_dn,
-                self._started,
-            )
-        return view
-
-    def _track(self, frame: Frame) -> Request | None:
-        """The plugins' view of a request, remembered until its final response; None if
-        a field a plugin asked for cannot be decoded (the session is then closing)."""
-        message_id, op, pdu = frame
-        name = m.REQUEST_NAMES.get(op, "unknown")
-        fields = None
-        # Binds are always decoded: the bound DN is part of the connection view.
-        if name in self._plugins.fields_for or op == m.BIND_REQUEST:
-            try:
-                fields = decode_fields(op, pdu)
-            except BerError as error:
-                self._violation("malformed LDAP message", f"undecodable {name} request: {error}")
-                return None
-        request = Request(self._connection(), message_id, name, fields, self._clock.seconds())
-        if op in m.RESPONSE_FOR_REQUEST:
-            self._ops[message_id] = _Operation(request)
-        return request
-
     def _request_decided(self, decision: Decision, frame: Frame) -> None:
         if self._ending:
             return
@@ -476,41 +429,7 @@ class Session:
         reply = m.error_for_request(message_id, op, verdict.code, verdict.message)
         if reply is not None:
             self._client.write(reply)
-        self._op_done(message_id, verdict.code, local=True, denied_by=decision.plugin)
-
-    def _op_done(
-        self, message_id: int, code: int, *, local: bool = False, denied_by: str | None = None
-    ) -> None:
-        """Tell plugins that the operation ``message_id`` got its final response."""
-        operation = self._ops.pop(message_id, None)
-        if operation is None:
-            return
-        request = operation.request
-        if request.op == "bind":
-            self._bound_as(request, code)
-        self._plugins.response(
-            Response(
-                request,
-                code,
-                operation.entries,
-                operation.references,
-                self._clock.seconds() - request.received,
-                denied_by,
-                local,
-            )
-        )
-
-    def _bound_as(self, request: Request, code: int) -> None:
-        fields = request.fields
-        if code == m.SUCCESS and fields is not None and fields.mechanism == "simple":
-            bound: str | None = fields.dn
-        elif code == m.SASL_BIND_IN_PROGRESS:
-            return
-        else:
-            bound = None  # a failed bind leaves the connection anonymous (RFC 4513 §5.1.1)
-        if bound != self.bound_dn:
-            self.bound_dn = bound
-            self._view = None
+        self._events.done(message_id, verdict.code, local=True, denied_by=decision.plugin)
 
     def tls_established(self, version: str, cipher: str | None = None) -> None:
         """The client's TLS handshake completed."""
@@ -520,11 +439,9 @@ class Session:
         if self.state is SessionState.HANDSHAKE:
             self.state = SessionState.SECURE
             self.tls_version = version
-            self.tls_cipher = cipher
-            self._view = None
             log.debug("{prefix} TLS established ({version})", prefix=self.prefix, version=version)
             if self._plugins.active:
-                self._plugins.tls_started(self._connection())
+                self._events.tls_started(version, cipher)
 
     def client_lost(self, reason: Failure) -> None:
         """The client connection is closed (by either side)."""
@@ -551,17 +468,7 @@ class Session:
             self._acquiring.cancel()
         self._release_upstream()
         if self._plugins.active and previous is not SessionState.CLOSED:
-            denied = self._denied
-            self._plugins.disconnected(
-                Disconnect(
-                    self._connection(),
-                    self._close_reason or "client disconnected",
-                    self._clock.seconds() - self._started,
-                    self._requests,
-                    denied.plugin if denied else None,
-                    denied.verdict.reason if denied else "",
-                )
-            )
+            self._events.disconnected(self._close_reason or "client disconnected", self._requests)
 
     # -- upstream events (UpstreamSink) ------------------------------------------------
 
@@ -573,7 +480,7 @@ class Session:
         replaced: bool | None = None
         out = []
         outstanding = self._outstanding
-        ops = self._ops
+        events = self._events
         for frame in frames:
             message_id = frame.message_id
             if message_id in outstanding:
@@ -588,13 +495,10 @@ class Session:
                         replaced = code == m.SUCCESS
                     elif message_id in self._paged:
                         self._paged_done(self._paged.pop(message_id), frame)
-                    if ops:
-                        self._op_done(message_id, _result(frame) if code is None else code)
-                elif ops and message_id in ops:
-                    if frame.op == m.SEARCH_RESULT_ENTRY:
-                        ops[message_id].entries += 1
-                    elif frame.op == m.SEARCH_RESULT_REFERENCE:
-                        ops[message_id].references += 1
+                    if events.in_flight:
+                        events.done(message_id, _result(frame) if code is None else code)
+                elif events.in_flight:
+                    events.returned(message_id, frame.op)
                 out.append(frame.data)
             elif message_id == 0:
                 if frame.op == m.EXTENDED_RESPONSE and _is_notice(frame.data):
@@ -765,9 +669,9 @@ class Session:
                 replies.append(reply)
         if replies:
             self._client.write(b"".join(replies))
-        if self._ops:
+        if self._events.in_flight:
             for message_id, _, _ in pending:
-                self._op_done(message_id, code, local=True)
+                self._events.done(message_id, code, local=True)
         self._resume()
 
     def _release_upstream(self) -> None:
@@ -837,7 +741,7 @@ class Session:
                 # anonymous already (nothing else can have passed before TLS), so the
                 # bind is answered here and never reaches the upstream.
                 self._client.write(m.result_message(message_id, m.BIND_RESPONSE, m.SUCCESS, ""))
-                self._op_done(message_id, m.SUCCESS, local=True)
+                self._events.done(message_id, m.SUCCESS, local=True)
                 return True
         except BerError:
             pass
@@ -851,7 +755,7 @@ class Session:
             )
         else:
             self._client.write(reply)
-            self._op_done(message_id, m.CONFIDENTIALITY_REQUIRED, local=True)
+            self._events.done(message_id, m.CONFIDENTIALITY_REQUIRED, local=True)
         return True
 
     def _starttls(self, message_id: int, trailing: int) -> None:

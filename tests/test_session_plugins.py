@@ -420,7 +420,7 @@ def test_without_plugins_nothing_is_decoded(monkeypatch: pytest.MonkeyPatch) -> 
         raise AssertionError("decode_fields called on the fast path")
 
     monkeypatch.setattr(fields_module, "decode_fields", refuse)
-    monkeypatch.setattr("ldapproxy.session.decode_fields", refuse)
+    monkeypatch.setattr("ldapproxy.session_events.decode_fields", refuse)
     h = make_session()
     h.send(search_request(2), request(3, m.BIND_REQUEST))
     assert len(h.source.succeed().frames()) == 2
@@ -435,7 +435,7 @@ def test_plugins_without_request_hooks_leave_requests_undecoded(
         def disconnected(self, disconnect: Disconnect) -> None:
             pass
 
-    monkeypatch.setattr("ldapproxy.session.decode_fields", pytest.fail)
+    monkeypatch.setattr("ldapproxy.session_events.decode_fields", pytest.fail)
     h = make_session(plugins=[Goodbye()])
     h.send(search_request(2))
     assert len(h.source.succeed().frames()) == 1
