@@ -36,8 +36,26 @@ system-deps:
 		fi; \
 	fi
 
-test: system-deps $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+# HAProxy for the scale-out test; promtool (from Debian's prometheus package, extracted
+# into the venv rather than installed, so that no Prometheus service starts) to check the
+# alert rules.  Without promtool the rules are still parsed and checked as YAML.
+TEST_TOOLS := $(BIN)/promtool
+
+$(BIN)/promtool: | $(STAMP)
+	@command -v haproxy >/dev/null 2>&1 || { \
+		echo "installing haproxy with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null; \
+		if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet haproxy 2>/dev/null; then \
+			systemctl disable --now haproxy >/dev/null 2>&1 || true; fi; }
+	@if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; else \
+		echo "extracting promtool from Debian's prometheus package"; \
+		tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -qq prometheus >/dev/null 2>&1 && \
+			dpkg-deb -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$@) || \
+			echo "promtool unavailable: the alert rules are checked as YAML only"; \
+		rm -rf $$tmp; fi
+
+test: system-deps $(STAMP) $(TEST_TOOLS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check ldapproxy plugins tests bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -29,8 +30,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
-        default="info",
-        help="lowest level logged (default info; debug adds a line per client connection)",
+        default=None,
+        help="lowest level logged, overriding log.level (debug adds a line per connection)",
     )
     check = commands.add_parser("check", help="validate the configuration without serving")
     check.add_argument("-c", "--config", required=True, type=Path, help="configuration file (TOML)")
@@ -58,6 +59,15 @@ def fail(message: str) -> int:
 
 def _load(path: Path) -> Any:
     """Load the config and build the service; returns the service or an exit code."""
+    # Sockets passed by systemd (socket activation) are read before anything imports
+    # twisted.internet.endpoints, which removes LISTEN_FDS from the environment.
+    from ldapproxy.systemd import clear_listen_environment, inherited_sockets
+
+    try:
+        inherited = inherited_sockets(os.environ, os.getpid())
+    except ValueError as error:
+        return fail(f"socket activation: {error}")
+    clear_listen_environment(os.environ)
     from ldapproxy.config import ConfigError, load
     from ldapproxy.service import ProxyService
     from ldapproxy.tls import TLSSetupError
@@ -69,48 +79,69 @@ def _load(path: Path) -> Any:
     from twisted.internet import reactor
 
     try:
-        return ProxyService(config, reactor)
+        return ProxyService(config, reactor, inherited)
     except TLSSetupError as error:
         return fail(f"{path}: {error}")
     except ConfigError as error:
         return fail(str(error))
 
 
-def _run(path: Path, log_level: str = "info") -> int:
+def _run(path: Path, log_level: str | None = None) -> int:
     service = _load(path)
     if isinstance(service, int):
         return service
-    return serve(lambda: defer.succeed(service), log_level)
+    log = service.config.log
+    return serve(lambda: defer.succeed(service), log_level, log.format, log.level)
 
 
-def serve(build: Callable[[], defer.Deferred[Any]], log_level: str = "info") -> int:
+def serve(
+    build: Callable[[], defer.Deferred[Any]],
+    log_level: str | None = None,
+    log_format: str = "text",
+    config_level: str = "info",
+) -> int:
     """Run the reactor: ``build()`` gives the proxy service, whose listeners are bound.
 
-    Returns the exit status: 0 after a signal stops the proxy, 1 if startup failed (with
-    one line on stderr, no traceback).
+    Tells systemd (if it started the proxy) when it is ready, reloading and stopping;
+    SIGHUP reloads the configuration, SIGTERM drains and stops.  Returns the exit status:
+    0 after a signal stops the proxy, 1 or 2 if startup failed (with one line on stderr,
+    no traceback).
     """
     from twisted.internet import reactor
     from twisted.logger import Logger
 
     from ldapproxy.logs import start_logging
     from ldapproxy.service import ListenError
+    from ldapproxy.systemd import Notifier
 
+    log = Logger(namespace="ldapproxy.service")
     exit_code = 0
+    notifier = Notifier.from_environment(os.environ, reactor)
+    predicate = start_logging(
+        sys.stderr, LogLevel.levelWithName(log_level or config_level), log_format
+    )
 
     def started() -> defer.Deferred[Any]:
         d = build()
 
         def listen(service: Any) -> Any:
-            reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-            # SIGHUP reopens the files plugins write, such as the audit log after logrotate.
-            signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reopen))  # type: ignore[attr-defined]
+            reactor.addSystemEventTrigger("before", "shutdown", stopping, service)
+            signal.signal(
+                signal.SIGHUP,
+                lambda *_: reactor.callFromThread(reload, service),  # type: ignore[attr-defined]
+            )
             return service.listen().addCallback(lambda _: service)
 
-        def ready(service: Any) -> None:
+        def ready(service: Any) -> defer.Deferred[Any]:
             service.startService()
-            Logger(namespace="ldapproxy.service").info(
-                "ldapproxy {version} ready", version=__version__
-            )
+            log.info("ldapproxy {version} listening", version=__version__)
+            warmed: defer.Deferred[Any] = service.warmed()
+            return warmed.addCallback(lambda status: announce(service, status))
+
+        def announce(service: Any, status: str) -> None:
+            log.info("ldapproxy {version} ready: {status}", version=__version__, status=status)
+            notifier.ready(status)
+            notifier.start_watchdog()
 
         def failed(failure: Failure) -> None:
             nonlocal exit_code
@@ -120,9 +151,25 @@ def serve(build: Callable[[], defer.Deferred[Any]], log_level: str = "info") -> 
 
         return d.addCallback(listen).addCallbacks(ready, failed)
 
-    start_logging(sys.stderr, LogLevel.levelWithName(log_level))
+    def reload(service: Any) -> None:
+        notifier.reloading("reloading the configuration")
+
+        def done(applied: bool) -> None:
+            if applied and log_level is None:
+                predicate.defaultLogLevel = LogLevel.levelWithName(service.config.log.level)
+                predicate.clearLogLevels()
+            notifier.ready("reload applied" if applied else "reload failed; old configuration")
+
+        service.reload().addCallback(done)
+
+    def stopping(service: Any) -> Any:
+        notifier.stopping("draining client sessions")
+        notifier.stop_watchdog()
+        return service.stopService()
+
     reactor.callWhenRunning(started)
     reactor.run()
+    notifier.close()
     return exit_code
 
 

@@ -5,18 +5,28 @@ This and :mod:`ldapproxy.upstream` are the only modules that hold Twisted transp
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+from collections import Counter as Tally
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ldapproxy.config import LimitsConfig, ListenerConfig
+from ldapproxy.metrics import Metrics
 from ldapproxy.plugin_chain import NO_PLUGINS, PluginChain
+from ldapproxy.proxy_protocol import ProxyHeaderParser, ProxyProtocolError
 from ldapproxy.session import Session, UpstreamSource
 from ldapproxy.tls import ServerTLS
 from ldapproxy.upstream import UpstreamProtocol
@@ -59,13 +69,38 @@ class ClientProtocol(Protocol):
     _upstream_reads: ReadControl | None = None
 
     def __init__(
-        self, make_session: Callable[[ClientProtocol], Session], tls: ServerTLS | None
+        self,
+        make_session: Callable[[ClientProtocol, tuple[str, int]], Session],
+        peer: tuple[str, int],
+        tls: ServerTLS | None,
+        sessions: set[Session],
+        traffic: Tally[str],
+        proxy_header: _ProxyHeaderReader | None = None,
     ) -> None:
         self._make_session = make_session
+        self._peer = peer
         self._tls = tls
+        self._sessions = sessions
+        self._traffic = traffic
+        #: On proxy_protocol listeners, until the PROXY header has been read.
+        self._proxy_header = proxy_header
+        #: Bytes that came with the PROXY header, not yet delivered (see _deliver_unread).
+        self._unread = b""
+        self._reading_paused = False
 
     def connectionMade(self) -> None:
-        self.session = self._make_session(self)
+        if self._proxy_header is not None:
+            if not self._proxy_header.trusted(self._peer):
+                self.transport.abortConnection()  # type: ignore[union-attr]
+                return
+            self._proxy_header.start(self)
+            return
+        self._begin(self._peer)
+
+    def _begin(self, peer: tuple[str, int]) -> None:
+        """The client (at ``peer``) is known: its session starts."""
+        self.session = self._make_session(self, peer)
+        self._sessions.add(self.session)
         log.debug(
             "{prefix} connected to listener {listener}",
             prefix=self.session.prefix,
@@ -74,20 +109,48 @@ class ClientProtocol(Protocol):
         self.session.start()
 
     def dataReceived(self, data: bytes) -> None:
+        self._traffic["in"] += len(data)
+        reader = self._proxy_header
+        if reader is not None:
+            found = reader.feed(self, data)
+            if found is None:
+                return
+            self._proxy_header = None
+            peer, self._unread = found
+            self._begin(peer)
+            self._deliver_unread()
+            return
         self.session.client_data(data)
+
+    def _deliver_unread(self) -> None:
+        """Hand on the bytes that arrived with the PROXY header, as if just read: to the
+        TLS layer once the session started TLS (an ldaps ClientHello), else to the
+        session, but not while the session keeps reading paused (a pending verdict)."""
+        if not self._unread or self._reading_paused:
+            return
+        data, self._unread = self._unread, b""
+        layer = getattr(self.transport, "protocol", self)
+        if layer is not self:
+            layer.dataReceived(data)  # the TLS layer that startTLS put in front of us
+        elif getattr(self, "session", None) is not None:
+            self.session.client_data(data)
 
     def handshakeCompleted(self) -> None:
         handle = self.transport.getHandle()  # type: ignore[union-attr]
         self.session.tls_established(handle.get_protocol_version_name(), handle.get_cipher_name())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._proxy_header is not None:
+            self._proxy_header.stop()
         session = getattr(self, "session", None)
         if session is not None:
+            self._sessions.discard(session)
             session.client_lost(reason)
 
     # -- ClientPort ---------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        self._traffic["out"] += len(data)
         self.transport.write(data)  # type: ignore[union-attr]
 
     def start_tls(self) -> None:
@@ -96,10 +159,13 @@ class ClientProtocol(Protocol):
         self.transport.startTLS(self._tls)  # type: ignore[union-attr]
 
     def pause_reading(self) -> None:
+        self._reading_paused = True
         self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def resume_reading(self) -> None:
+        self._reading_paused = False
         self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._deliver_unread()
 
     def link(self, upstream: UpstreamProtocol) -> None:
         # Each side pauses the other's reads while its own send buffer is full, so a slow
@@ -136,6 +202,8 @@ class ClientFactory(Factory):
         source: UpstreamSource,
         tls: ServerTLS | None,
         plugins: PluginChain = NO_PLUGINS,
+        metrics: Metrics | None = None,
+        sessions: set[Session] | None = None,
     ) -> None:
         self.listener = listener
         self.limits = limits
@@ -143,12 +211,16 @@ class ClientFactory(Factory):
         self.source = source
         self.tls = tls
         self.plugins = plugins
+        self.metrics = metrics or Metrics()
+        #: The open sessions (shared by every listener's factory, for the metrics).
+        self.sessions: set[Session] = set() if sessions is None else sessions
         self.noisy = False
 
     def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
         peer = (str(getattr(addr, "host", addr)), int(getattr(addr, "port", 0)))
+        self.metrics.count_client(self.listener.name)
 
-        def make_session(client: ClientProtocol) -> Session:
+        def make_session(client: ClientProtocol, peer: tuple[str, int]) -> Session:
             return Session(
                 next(_session_ids),
                 peer,
@@ -158,6 +230,103 @@ class ClientFactory(Factory):
                 self.source,
                 client,
                 self.plugins,
+                self.metrics,
             )
 
-        return ClientProtocol(make_session, self.tls)
+        reader = (
+            _ProxyHeaderReader(self.listener, self.clock, self.limits.tls_handshake_timeout)
+            if self.listener.proxy_protocol
+            else None
+        )
+        return ClientProtocol(
+            make_session, peer, self.tls, self.sessions, self.metrics.bytes, reader
+        )
+
+
+class _ProxyHeaderReader:
+    """The PROXY protocol header at the start of a connection on a ``proxy_protocol``
+    listener: only from ``trusted_proxies``, read within the handshake timeout, and the
+    client address it names replaces the load balancer's."""
+
+    def __init__(self, listener: ListenerConfig, clock: IReactorTime, timeout: float) -> None:
+        self._listener = listener
+        self._clock = clock
+        self._timeout = timeout
+        self._parser = ProxyHeaderParser()
+        self._timer: IDelayedCall | None = None
+        self._peer = ("", 0)
+
+    def trusted(self, peer: tuple[str, int]) -> bool:
+        """Whether ``peer`` may send the header; logs the refusal when not."""
+        self._peer = peer
+        try:
+            address = ipaddress.ip_address(peer[0])
+        except ValueError:
+            address = None
+        if address is not None:
+            # A dual-stack listener reports IPv4 balancers as IPv4-mapped IPv6 addresses.
+            mapped = getattr(address, "ipv4_mapped", None)
+            candidates = (address,) if mapped is None else (address, mapped)
+            if any(a in n for a in candidates for n in self._listener.trusted_proxies):
+                return True
+        log.warn(
+            "{peer}: connection refused on listener {listener}: not among its "
+            "trusted_proxies (proxy_protocol = true)",
+            peer=_format(peer),
+            listener=self._listener.name,
+        )
+        return False
+
+    def start(self, client: ClientProtocol) -> None:
+        self._timer = self._clock.callLater(self._timeout, self._expired, client)
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def feed(self, client: ClientProtocol, data: bytes) -> tuple[tuple[str, int], bytes] | None:
+        """The client address and the bytes after the header, once it is complete."""
+        try:
+            header = self._parser.feed(data)
+        except ProxyProtocolError as error:
+            self._refuse(client, f"bad PROXY header: {error}")
+            return None
+        if header is None:
+            return None
+        self.stop()
+        source = header.source or self._peer  # LOCAL: the balancer's own health check
+        return (_plain_host(source[0]), source[1]), self._parser.rest
+
+    def _expired(self, client: ClientProtocol) -> None:
+        self._timer = None
+        self._refuse(
+            client,
+            f"no PROXY header within {self._timeout:g} s (limits.tls_handshake_timeout)",
+        )
+
+    def _refuse(self, client: ClientProtocol, why: str) -> None:
+        self.stop()
+        log.warn(
+            "{peer}: closing on listener {listener}: {why}",
+            peer=_format(self._peer),
+            listener=self._listener.name,
+            why=why,
+        )
+        client.abort()
+
+
+def _plain_host(host: str) -> str:
+    """An IPv4-mapped IPv6 address written as the IPv4 address it carries."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _format(peer: tuple[str, int]) -> str:
+    host, port = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -8,14 +8,18 @@ file, the key, the bad value and what was expected.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import ipaddress
 import math
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -38,6 +42,10 @@ class ListenerConfig:
     name: str
     endpoint: str
     tls: ListenerTLS
+    #: Whether every connection starts with a PROXY protocol (v1 or v2) header.
+    proxy_protocol: bool = False
+    #: Peers allowed to send that header (the load balancers).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class PoolConfig:
     idle_timeout: float
     max_lifetime: float
     health_check_interval: float
+    warm_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,22 @@ class LimitsConfig:
     idle_timeout: float
     tls_handshake_timeout: float
     plugin_timeout: float
+    drain_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The ``[metrics]`` table."""
+
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The ``[log]`` table: the main log on stderr."""
+
+    format: str
+    level: str
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,8 @@ class Config:
     pool: PoolConfig
     limits: LimitsConfig
     plugins: tuple[PluginSpec, ...] = ()
+    metrics: MetricsConfig = MetricsConfig("")
+    log: LogConfig = LogConfig("text", "info")
 
 
 # -- the option table --------------------------------------------------------------------
@@ -139,6 +166,8 @@ class Option:
     parse: Callable[[Any], Any]
     #: Shown in docs instead of the Python default (for values built from a pattern).
     shown_default: str | None = None
+    #: Whether a change needs a restart (a reload logs it and keeps the running value).
+    restart: bool = False
 
     @property
     def required(self) -> bool:
@@ -208,6 +237,28 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("expected true or false")
+    return value
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    if not isinstance(value, list):
+        raise _Bad('expected a list of IPv4 or IPv6 networks, e.g. ["10.0.0.5/32"]')
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(_string(item)))
+        except ValueError as error:
+            raise _Bad(f"{item!r}: expected an IPv4 or IPv6 network ({error})") from None
+    return tuple(networks)
+
+
+def _optional_endpoint(value: Any) -> str:
+    return _endpoint(value) if _string(value) else ""
+
+
 def _listener_tls(value: Any) -> ListenerTLS:
     return ListenerTLS(_choice(*(m.value for m in ListenerTLS))(value))
 
@@ -224,7 +275,13 @@ def _endpoint(value: Any) -> str:
             'use a tcp: endpoint with tls = "ldaps"'
         )
     if kind == "systemd":
-        # Adopting an inherited socket reads the environment; checked when listening.
+        # The socket itself is looked up among those systemd passed when listening.
+        from ldapproxy.systemd import parse_systemd_endpoint
+
+        try:
+            parse_systemd_endpoint(text)
+        except ValueError as error:
+            raise _Bad(str(error)) from None
         return text
     try:
         endpoints.serverFromString(_UnusedReactor(), text)  # type: ignore[no-untyped-call]
@@ -278,6 +335,7 @@ OPTIONS: tuple[Option, ...] = (
         "Name shown in logs and metrics; defaults to the listener's position, listener0...",
         _string,
         shown_default='"listener<N>"',
+        restart=True,
     ),
     Option(
         "listener",
@@ -285,6 +343,7 @@ OPTIONS: tuple[Option, ...] = (
         _REQUIRED,
         "Twisted server endpoint string, e.g. tcp:389 or tcp:3389:interface=127.0.0.1.",
         _endpoint,
+        restart=True,
     ),
     Option(
         "listener",
@@ -292,6 +351,23 @@ OPTIONS: tuple[Option, ...] = (
         "starttls-optional",
         "none, starttls-optional, starttls-required or ldaps.",
         _listener_tls,
+        restart=True,
+    ),
+    Option(
+        "listener",
+        "proxy_protocol",
+        False,
+        "Expect a PROXY protocol v1 or v2 header from a trusted load balancer first.",
+        _boolean,
+        restart=True,
+    ),
+    Option(
+        "listener",
+        "trusted_proxies",
+        [],
+        "Networks whose connections may (and must) send the PROXY header.",
+        _networks,
+        restart=True,
     ),
     Option(
         "tls",
@@ -321,6 +397,7 @@ OPTIONS: tuple[Option, ...] = (
         _REQUIRED,
         "Upstream directories: ldaps:// (implicit TLS) or ldap:// (StartTLS); see strategy.",
         _urls,
+        restart=True,
     ),
     Option(
         "upstream",
@@ -357,6 +434,7 @@ OPTIONS: tuple[Option, ...] = (
         "failover",
         "failover (the first healthy URL, in order) or round-robin (every healthy URL in turn).",
         _choice("failover", "round-robin"),
+        restart=True,
     ),
     Option(
         "pool",
@@ -364,6 +442,7 @@ OPTIONS: tuple[Option, ...] = (
         4,
         "Warm, idle connections kept ready per upstream URL.",
         _count(0),
+        restart=True,
     ),
     Option(
         "pool",
@@ -371,6 +450,7 @@ OPTIONS: tuple[Option, ...] = (
         200,
         "Most connections per upstream URL (leased, idle and being opened).",
         _count(1),
+        restart=True,
     ),
     Option(
         "pool",
@@ -378,6 +458,7 @@ OPTIONS: tuple[Option, ...] = (
         5.0,
         "Seconds a new session waits for a free connection before it is answered busy (51).",
         _positive_number,
+        restart=True,
     ),
     Option(
         "pool",
@@ -385,6 +466,7 @@ OPTIONS: tuple[Option, ...] = (
         300,
         "Seconds after which idle connections beyond min_idle are closed.",
         _positive_number,
+        restart=True,
     ),
     Option(
         "pool",
@@ -392,6 +474,7 @@ OPTIONS: tuple[Option, ...] = (
         3600,
         "Seconds after which a connection is replaced (staggered over the last quarter).",
         _positive_number,
+        restart=True,
     ),
     Option(
         "pool",
@@ -399,6 +482,15 @@ OPTIONS: tuple[Option, ...] = (
         30,
         "Seconds between root DSE reads on each idle connection.",
         _positive_number,
+        restart=True,
+    ),
+    Option(
+        "pool",
+        "warm_timeout",
+        10,
+        "Seconds startup waits for min_idle connections before reporting ready anyway.",
+        _positive_number,
+        restart=True,
     ),
     Option(
         "limits",
@@ -428,9 +520,32 @@ OPTIONS: tuple[Option, ...] = (
         "Seconds a plugin's decision may take before the connection or request is denied.",
         _positive_number,
     ),
+    Option(
+        "limits",
+        "drain_timeout",
+        30,
+        "Seconds SIGTERM lets operations in flight finish before clients are disconnected.",
+        _positive_number,
+    ),
+    Option(
+        "metrics",
+        "endpoint",
+        "",
+        "Twisted endpoint serving /metrics, /healthz and /readyz; empty disables it.",
+        _optional_endpoint,
+        restart=True,
+    ),
+    Option("log", "format", "text", "text or json.", _choice("text", "json"), restart=True),
+    Option(
+        "log",
+        "level",
+        "info",
+        "Lowest level logged: debug, info, warn or error.",
+        _choice("debug", "info", "warn", "error"),
+    ),
 )
 
-_SECTIONS = ("listener", "tls", "upstream", "pool", "limits", "plugin")
+_SECTIONS = ("listener", "tls", "upstream", "pool", "limits", "metrics", "log", "plugin")
 
 
 def load(path: Path) -> Config:
@@ -475,7 +590,11 @@ def parse(document: Mapping[str, Any], path: Path) -> Config:
         )
     limits = LimitsConfig(**_table(document, "limits", path))
     plugins = _plugins(document.get("plugin"), path)
-    config = Config(path, listeners, tls, UpstreamConfig(**upstream), pool, limits, plugins)
+    metrics = MetricsConfig(**_table(document, "metrics", path))
+    log = LogConfig(**_table(document, "log", path))
+    config = Config(
+        path, listeners, tls, UpstreamConfig(**upstream), pool, limits, plugins, metrics, log
+    )
     needs_tls = [lc for lc in listeners if lc.tls is not ListenerTLS.NONE]
     if needs_tls and not (tls.certificate and tls.private_key):
         first = needs_tls[0]
@@ -533,6 +652,14 @@ def _listeners(raw: Any, path: Path) -> tuple[ListenerConfig, ...]:
     for index, item in enumerate(raw):
         values = _check_keys(item, "listener", f"[[listener]] #{index + 1}", path)
         values["name"] = values["name"] or f"listener{index}"
+        where = f"[[listener]] {values['name']!r}"
+        if values["proxy_protocol"] and not values["trusted_proxies"]:
+            raise ConfigError(
+                f"{path}: {where} proxy_protocol = true needs trusted_proxies: the load "
+                "balancers allowed to send the PROXY header"
+            )
+        if values["trusted_proxies"] and not values["proxy_protocol"]:
+            raise ConfigError(f"{path}: {where} trusted_proxies is set but proxy_protocol = false")
         listeners.append(ListenerConfig(**values))
     names = [lc.name for lc in listeners]
     for name in names:
@@ -559,6 +686,47 @@ def _plugins(raw: Any, path: Path) -> tuple[PluginSpec, ...]:
         options = {k: v for k, v in item.items() if k != "use"}
         specs.append(PluginSpec(path, index, use, options))
     return tuple(specs)
+
+
+def _values(config: Config) -> Iterator[tuple[str, Option, Any]]:
+    """``(name, option, value)`` for every key of ``config``; listener keys are named
+    ``[[listener]] NAME.key``."""
+    for option in OPTIONS:
+        if option.section == "listener":
+            for listener in config.listeners:
+                yield (
+                    f"[[listener]] {listener.name}.{option.key}",
+                    option,
+                    getattr(listener, option.key),
+                )
+        else:
+            yield option.dotted, option, getattr(getattr(config, option.section), option.key)
+
+
+def changes(old: Config, new: Config) -> Iterator[tuple[str, Option, Any, Any]]:
+    """``(name, option, old value, new value)`` for every key that differs."""
+    before = {name: (option, value) for name, option, value in _values(old)}
+    after = {name: (option, value) for name, option, value in _values(new)}
+    for name in sorted(before.keys() | after.keys()):
+        option, old_value = before.get(name, (None, None))
+        new_option, new_value = after.get(name, (None, None))
+        if old_value != new_value:
+            yield name, option or new_option, old_value, new_value  # type: ignore[misc]
+
+
+def reloaded(running: Config, new: Config) -> Config:
+    """``new``, except for the keys that need a restart, which keep their ``running``
+    values."""
+    return dataclasses.replace(
+        new,
+        listeners=running.listeners,
+        upstream=dataclasses.replace(
+            new.upstream, urls=running.upstream.urls, strategy=running.upstream.strategy
+        ),
+        pool=running.pool,
+        metrics=running.metrics,
+        log=dataclasses.replace(new.log, format=running.log.format),
+    )
 
 
 def _show(value: Any) -> str:

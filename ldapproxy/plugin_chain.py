@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -32,6 +31,7 @@ from ldapproxy.hooks import (
     Response,
     Verdict,
 )
+from ldapproxy.metrics import Metrics
 
 log = Logger(namespace="ldapproxy.plugins")
 
@@ -135,21 +135,12 @@ class PluginChain:
         plugins: Sequence[Plugin],
         clock: IReactorTime,
         timeout: float,
-        registry: CollectorRegistry | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.plugins = tuple(plugins)
         self._clock = clock
         self._timeout = timeout
-        self._denials = (
-            None
-            if registry is None
-            else Counter(
-                "ldapproxy_plugin_denials",
-                "Connections and requests denied by plugins, by plugin and verdict reason.",
-                ["plugin", "reason"],
-                registry=registry,
-            )
-        )
+        self._metrics = metrics
 
         def having(hook: str) -> tuple[Plugin, ...]:
             return tuple(p for p in self.plugins if _overrides(p, hook))
@@ -223,15 +214,15 @@ class PluginChain:
     def _counted(
         self, decision: Decision | defer.Deferred[Decision]
     ) -> Decision | defer.Deferred[Decision]:
-        if self._denials is None:
+        if self._metrics is None:
             return decision
         if isinstance(decision, defer.Deferred):
             return decision.addCallback(self._count)
         return self._count(decision)
 
     def _count(self, decision: Decision) -> Decision:
-        if not decision.allowed and self._denials is not None:
-            self._denials.labels(decision.plugin, decision.verdict.reason).inc()
+        if not decision.allowed and self._metrics is not None:
+            self._metrics.count_denial(decision.plugin or "", decision.verdict.reason)
         return decision
 
     def _decide(

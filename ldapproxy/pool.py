@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from ldapproxy import messages as m
 from ldapproxy.ber import BerError, Frame
 from ldapproxy.config import PoolConfig, UpstreamURL
+from ldapproxy.metrics import Metrics
 from ldapproxy.upstream import (
     ExchangeError,
     NoUpstreamAvailable,
@@ -165,6 +166,7 @@ class Pool:
         clock: IReactorTime,
         check_timeout: float,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._upstreams = [_Upstream(url) for url in urls]
         self._config = config
@@ -173,6 +175,7 @@ class Pool:
         self._clock = clock
         self._check_timeout = check_timeout
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._metrics = metrics or Metrics()
         self._waiters: deque[defer.Deferred[UpstreamProtocol]] = deque()
         self._cursor = 0
         self._running = False
@@ -202,6 +205,18 @@ class Pool:
                 connection.protocol.close(notify=connection.state in _LEASED)
         while self._waiters:
             self._waiters.popleft().errback(NoUpstreamAvailable([]))
+
+    def renew(self, connect: Callable[[UpstreamURL], defer.Deferred[UpstreamProtocol]]) -> None:
+        """Open new connections with ``connect`` from now on (a reload changed the upstream
+        TLS settings), and replace the existing ones gradually: each expires at a random
+        point within the next health check interval, so that the directory does not see
+        every connection reopen at once.  Leased ones are replaced when released."""
+        self._connect = connect
+        now = self._clock.seconds()
+        spread = self._config.health_check_interval
+        for upstream in self._upstreams:
+            for connection in upstream.connections:
+                connection.expires = min(connection.expires, now + self._rng.uniform(0, spread))
 
     @property
     def warm(self) -> bool:
@@ -235,13 +250,16 @@ class Pool:
             connection = self._take_idle(upstream)
             if connection is not None:
                 self._replenish(upstream)
+                self._metrics.pool_wait.observe(0.0)
                 return defer.succeed(connection.protocol)
         waiter: defer.Deferred[UpstreamProtocol] = defer.Deferred(self._waiters.remove)
         timer = self._clock.callLater(self._config.acquire_timeout, self._expire, waiter)
+        started = self._clock.seconds()
 
         def settled(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
+            self._metrics.pool_wait.observe(self._clock.seconds() - started)
             return result
 
         waiter.addBoth(settled)
@@ -352,6 +370,7 @@ class Pool:
 
     def _open_failed(self, failure: Failure, upstream: _Upstream) -> None:
         upstream.connecting -= 1
+        self._metrics.count_connect_error(str(upstream.url), _error_kind(failure))
         self._mark_down(upstream, _reason(failure))
         self._serve_waiters()
         self._grow()
@@ -537,6 +556,7 @@ class Pool:
 
     def _probe_failed(self, failure: Failure, upstream: _Upstream) -> None:
         upstream.connecting -= 1
+        self._metrics.count_connect_error(str(upstream.url), _error_kind(failure))
         self._mark_down(upstream, _reason(failure), probe=True)
 
     def _probed(self, protocol: UpstreamProtocol, upstream: _Upstream) -> None:
@@ -575,6 +595,22 @@ class Pool:
                     connection.checked = now
                     self._check(upstream, connection)
             self._replenish(upstream)
+
+
+def _error_kind(failure: Failure) -> str:
+    """A bounded label for a failed connection attempt: connect, timeout, starttls,
+    certificate or tls."""
+    error = failure.value
+    text = str(error).lower()
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    if not isinstance(error, UpstreamError) or not error.reachable:
+        return "connect"
+    if "starttls" in text:
+        return "starttls"
+    if error.certificate is not None and "certificate" in text:
+        return "certificate"
+    return "tls"
 
 
 def _reason(failure: Failure) -> str:

@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from ldapproxy import messages as m
 from ldapproxy.ber import BerError, Frame, Framer, FramingError, PDUTooLarge
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
+from ldapproxy.metrics import Metrics, handshake_failure_reason
 from ldapproxy.plugin_chain import NO_PLUGINS, Decision, PluginChain
 from ldapproxy.pool import Disposition, PoolBusy
 from ldapproxy.session_events import SessionEvents
@@ -106,6 +107,11 @@ class UpstreamSource(Protocol):
     def reset(self, connection: UpstreamProtocol) -> defer.Deferred[None]:
         """Make a leased connection that ``needs_reset`` anonymous (fires on success)."""
 
+
+_SHUTTING_DOWN = "the proxy is shutting down"
+
+#: Where sessions built without a Metrics (in tests) count.
+_UNCOUNTED = Metrics()
 
 _PLAINTEXT_ALLOWED = frozenset({m.ABANDON_REQUEST, m.UNBIND_REQUEST})
 
@@ -169,6 +175,7 @@ class Session:
         source: UpstreamSource,
         client: ClientPort,
         plugins: PluginChain = NO_PLUGINS,
+        metrics: Metrics | None = None,
     ) -> None:
         self.id = session_id
         self.client_host, self.client_port = peer
@@ -184,6 +191,11 @@ class Session:
         self.tls_version: str | None = None
         self._plugins = plugins
         self._events = SessionEvents(plugins, session_id, peer, listener.name, clock)
+        self._metrics = metrics or _UNCOUNTED
+        #: Whether a StartTLS handshake is under way (its outcome is counted).
+        self._starttls_pending = False
+        #: Set by :meth:`drain`: the proxy is stopping.
+        self._draining = False
         #: Requests framed while a plugin's verdict is pending, in order; else None.
         self._waiting: list[Frame] | None = None
         #: Why client reads are paused: "upstream" (waiting for one), "verdict".
@@ -193,8 +205,9 @@ class Session:
         self._source = source
         self._client = client
         self._framer = Framer(limits.max_pdu_bytes)
-        #: message ID -> request tag, for every operation awaiting its final response.
-        self._outstanding: dict[int, int] = {}
+        #: message ID -> (request tag, arrival time), for every operation awaiting its
+        #: final response.
+        self._outstanding: dict[int, tuple[int, float]] = {}
         self._abandoned: set[int] = set()
         self._upstream: UpstreamProtocol | None = None
         self._acquiring: defer.Deferred[UpstreamProtocol] | None = None
@@ -341,10 +354,10 @@ class Session:
                     self._forward(forward)
                     self._waiting = frames[index + 1 :]
                     self._hold_reading("verdict")
-                    decision.addCallback(self._request_decided, frame)
+                    decision.addCallback(self._request_decided, frame, request.received)
                     return
                 if not decision.allowed:
-                    self._deny(frame, decision)
+                    self._deny(frame, decision, request.received)
                     if self._ending:
                         return
                     continue
@@ -371,13 +384,21 @@ class Session:
                 self._abandoned.add(target)
                 forward.append(frame)
             return True
+        if self._draining:
+            # The proxy is stopping: requests in flight finish, new ones are refused.
+            reply = m.error_for_request(message_id, op, m.UNAVAILABLE, _SHUTTING_DOWN)
+            if reply is not None:
+                self._client.write(reply)
+                self._metrics.count_operation(op, m.UNAVAILABLE, 0.0)
+                self._events.done(message_id, m.UNAVAILABLE, local=True)
+            return True
         if message_id in self._outstanding:
             # Reusing an abandoned operation's message ID (a live one was refused above).
             self._abandoned.discard(message_id)
             # The abandoned operation's results may still arrive under this ID, after
             # the new one's: never hand this connection to another session.
             self._stateful = True
-        self._outstanding[message_id] = op
+        self._outstanding[message_id] = (op, self._clock.seconds())
         if op == m.BIND_REQUEST:
             self._bound = True
             # A SASL bind may negotiate a security layer the proxy cannot speak,
@@ -393,7 +414,7 @@ class Session:
 
     # -- plugins -----------------------------------------------------------------------
 
-    def _request_decided(self, decision: Decision, frame: Frame) -> None:
+    def _request_decided(self, decision: Decision, frame: Frame, received: float) -> None:
         if self._ending:
             return
         waiting, self._waiting = self._waiting or [], None
@@ -404,14 +425,14 @@ class Session:
                 return
             self._forward(forward)
         else:
-            self._deny(frame, decision)
+            self._deny(frame, decision, received)
             if self._ending:
                 return
         self._process(waiting)
         if self._waiting is None and not self._ending:
             self._release_reading("verdict")
 
-    def _deny(self, frame: Frame, decision: Decision) -> None:
+    def _deny(self, frame: Frame, decision: Decision, received: float) -> None:
         message_id, op, _ = frame
         verdict = decision.verdict
         log.info(
@@ -429,6 +450,7 @@ class Session:
         reply = m.error_for_request(message_id, op, verdict.code, verdict.message)
         if reply is not None:
             self._client.write(reply)
+            self._metrics.count_operation(op, verdict.code, self._clock.seconds() - received)
         self._events.done(message_id, verdict.code, local=True, denied_by=decision.plugin)
 
     def tls_established(self, version: str, cipher: str | None = None) -> None:
@@ -440,6 +462,9 @@ class Session:
             self.state = SessionState.SECURE
             self.tls_version = version
             log.debug("{prefix} TLS established ({version})", prefix=self.prefix, version=version)
+            if self._starttls_pending:
+                self._starttls_pending = False
+                self._metrics.count_starttls(self.listener.name, "success")
             if self._plugins.active:
                 self._events.tls_started(version, cipher)
 
@@ -447,9 +472,9 @@ class Session:
         """The client connection is closed (by either side)."""
         previous, self.state = self.state, SessionState.CLOSED
         if previous is SessionState.HANDSHAKE:
-            log.warn(
-                "{prefix} TLS handshake failed: {error}", prefix=self.prefix, error=_brief(reason)
-            )
+            error = _brief(reason)
+            log.warn("{prefix} TLS handshake failed: {error}", prefix=self.prefix, error=error)
+            self._handshake_failed(handshake_failure_reason(error))
         # One line per session, at its end.  Debug level: at thousands of sessions a second
         # it costs a tenth of the proxy's CPU; the audit log is the place for such records.
         log.debug(
@@ -470,6 +495,19 @@ class Session:
         if self._plugins.active and previous is not SessionState.CLOSED:
             self._events.disconnected(self._close_reason or "client disconnected", self._requests)
 
+    def drain(self) -> None:
+        """The proxy is stopping: let operations in flight finish, refuse new ones with
+        ``unavailable``, and close with a Notice of Disconnection once none is left."""
+        if self._ending:
+            return
+        self._draining = True
+        if not self._outstanding and not self._pending and self._waiting is None:
+            self._close("shutdown", notice=(m.UNAVAILABLE, _SHUTTING_DOWN))
+
+    def shutdown(self) -> None:
+        """The drain time is over: Notice of Disconnection, and close."""
+        self._close("shutdown", notice=(m.UNAVAILABLE, _SHUTTING_DOWN))
+
     # -- upstream events (UpstreamSink) ------------------------------------------------
 
     def upstream_frames(self, frames: list[Frame]) -> None:
@@ -485,10 +523,11 @@ class Session:
             message_id = frame.message_id
             if message_id in outstanding:
                 if frame.op in m.FINAL_RESPONSES:
-                    del outstanding[message_id]
+                    op, started = outstanding.pop(message_id)
                     self._abandoned.discard(message_id)
-                    code = _result(frame) if frame.op == m.BIND_RESPONSE else None
-                    if code is not None:
+                    code = _result(frame)
+                    self._metrics.count_operation(op, code, self._last_activity - started)
+                    if frame.op == m.BIND_RESPONSE:
                         self._sasl_in_progress = code == m.SASL_BIND_IN_PROGRESS
                     if message_id == self._holding:
                         # Only a successful BindResponse proves the identity was replaced.
@@ -496,7 +535,7 @@ class Session:
                     elif message_id in self._paged:
                         self._paged_done(self._paged.pop(message_id), frame)
                     if events.in_flight:
-                        events.done(message_id, _result(frame) if code is None else code)
+                        events.done(message_id, code)
                 elif events.in_flight:
                     events.returned(message_id, frame.op)
                 out.append(frame.data)
@@ -512,6 +551,9 @@ class Session:
                 )
         if out:
             self._client.write(b"".join(out))
+        if self._draining and not self._outstanding and not self._pending:
+            self._close("shutdown", notice=(m.UNAVAILABLE, _SHUTTING_DOWN))
+            return
         if replaced is not None and self._upstream is not None:
             if replaced:
                 self._upstream.needs_reset = False
@@ -661,12 +703,14 @@ class Session:
         """Answer every request waiting for an upstream with ``code``."""
         pending, self._pending = self._pending, []
         replies = []
+        now = self._clock.seconds()
         for message_id, op, _ in pending:
-            self._outstanding.pop(message_id, None)
+            _, started = self._outstanding.pop(message_id, (op, now))
             self._abandoned.discard(message_id)
             reply = m.error_for_request(message_id, op, code, diagnostic)
             if reply is not None:
                 replies.append(reply)
+                self._metrics.count_operation(op, code, now - started)
         if replies:
             self._client.write(b"".join(replies))
         if self._events.in_flight:
@@ -741,6 +785,7 @@ class Session:
                 # anonymous already (nothing else can have passed before TLS), so the
                 # bind is answered here and never reaches the upstream.
                 self._client.write(m.result_message(message_id, m.BIND_RESPONSE, m.SUCCESS, ""))
+                self._metrics.count_operation(op, m.SUCCESS, 0.0)
                 self._events.done(message_id, m.SUCCESS, local=True)
                 return True
         except BerError:
@@ -755,6 +800,7 @@ class Session:
             )
         else:
             self._client.write(reply)
+            self._metrics.count_operation(op, m.CONFIDENTIALITY_REQUIRED, 0.0)
             self._events.done(message_id, m.CONFIDENTIALITY_REQUIRED, local=True)
         return True
 
@@ -767,19 +813,24 @@ class Session:
                 count=trailing,
             )
             self._close("StartTLS injection", notice=None, abort=True)
+            self._metrics.count_starttls(self.listener.name, "refused")
             return
         if self.listener.tls is ListenerTLS.NONE:
             self._reply_extended(
                 message_id, m.UNAVAILABLE, "StartTLS is not offered on this listener"
             )
+            self._metrics.count_starttls(self.listener.name, "unavailable")
         elif self.state is not SessionState.PLAINTEXT:
             self._reply_extended(message_id, m.OPERATIONS_ERROR, "TLS is already established")
+            self._metrics.count_starttls(self.listener.name, "refused")
         elif self.outstanding:
             self._reply_extended(
                 message_id, m.OPERATIONS_ERROR, "StartTLS while operations are outstanding"
             )
+            self._metrics.count_starttls(self.listener.name, "refused")
         else:
             self._client.write(m.extended_response(message_id, m.SUCCESS, "", m.STARTTLS_OID))
+            self._starttls_pending = True
             self._begin_tls()
 
     def _reply_extended(self, message_id: int, code: int, diagnostic: str) -> None:
@@ -807,7 +858,14 @@ class Session:
                 prefix=self.prefix,
                 timeout=self._limits.tls_handshake_timeout,
             )
+            self._handshake_failed("timeout")
             self._close("handshake timeout", notice=None, abort=True)
+
+    def _handshake_failed(self, reason: str) -> None:
+        self._metrics.count_handshake_failure(self.listener.name, reason)
+        if self._starttls_pending:
+            self._starttls_pending = False
+            self._metrics.count_starttls(self.listener.name, "failure")
 
     def _check_idle(self) -> None:
         self._idle_timer = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,9 @@ class ServerTLS:
         self.certificate = crypto.load_certificate(
             crypto.FILETYPE_PEM, config.certificate.read_bytes()
         )
+        summary = PeerCertificate.from_x509(self.certificate)
+        #: ``(subject, notAfter as a timestamp)`` of the served certificate, for metrics.
+        self.expiry = (summary.subject, summary.not_after.timestamp())
 
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)
@@ -202,19 +206,32 @@ class UpstreamTLS:
             )
         self._context = context
         self._server_name = config.tls_server_name
+        #: subject -> notAfter (a timestamp) of every upstream leaf certificate seen, for
+        #: the certificate expiry metric.  As many entries as the upstreams have subjects.
+        self.seen: dict[str, float] = {}
 
     def creator(self, host: str) -> UpstreamVerifier:
         """A connection creator that verifies the upstream at ``host``."""
-        return UpstreamVerifier(self._context, self._server_name or host)
+        return UpstreamVerifier(self._context, self._server_name or host, self._saw)
+
+    def _saw(self, cert: crypto.X509) -> None:
+        summary = PeerCertificate.from_x509(cert)
+        self.seen[summary.subject] = summary.not_after.timestamp()
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class UpstreamVerifier:
     """Creates one upstream TLS connection and remembers its verification verdict."""
 
-    def __init__(self, context: SSL.Context, expected_name: str) -> None:
+    def __init__(
+        self,
+        context: SSL.Context,
+        expected_name: str,
+        on_leaf: Callable[[crypto.X509], None] | None = None,
+    ) -> None:
         self._context = context
         self.expected_name = expected_name
+        self._on_leaf = on_leaf
         try:
             ipaddress.ip_address(expected_name)
         except ValueError:
@@ -242,6 +259,11 @@ class UpstreamVerifier:
         # Exceptions raised in an OpenSSL callback get lost; this must not raise.
         if depth == 0:
             self.leaf = cert
+            if self._on_leaf is not None:
+                try:
+                    self._on_leaf(cert)
+                except Exception:  # only for metrics: never a reason to fail the handshake
+                    self._on_leaf = None
         if not ok and self.failure is None:
             self.failure = _VERIFY_REASONS.get(
                 errno, f"certificate verification failed (X509 error {errno})"

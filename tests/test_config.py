@@ -61,6 +61,13 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "limits.idle_timeout": loaded.limits.idle_timeout,
         "limits.tls_handshake_timeout": loaded.limits.tls_handshake_timeout,
         "limits.plugin_timeout": loaded.limits.plugin_timeout,
+        "limits.drain_timeout": loaded.limits.drain_timeout,
+        "listener.proxy_protocol": loaded.listeners[0].proxy_protocol,
+        "listener.trusted_proxies": loaded.listeners[0].trusted_proxies,
+        "pool.warm_timeout": loaded.pool.warm_timeout,
+        "metrics.endpoint": loaded.metrics.endpoint,
+        "log.format": loaded.log.format,
+        "log.level": loaded.log.level,
     }
     assert defaults == {
         "listener.name": "listener0",
@@ -83,6 +90,13 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "limits.idle_timeout": 900.0,
         "limits.tls_handshake_timeout": 10.0,
         "limits.plugin_timeout": 10.0,
+        "limits.drain_timeout": 30.0,
+        "listener.proxy_protocol": False,
+        "listener.trusted_proxies": (),
+        "pool.warm_timeout": 10.0,
+        "metrics.endpoint": "",
+        "log.format": "text",
+        "log.level": "info",
     }
     for key in ("upstream.connect_timeout", "limits.idle_timeout", "limits.tls_handshake_timeout"):
         assert type(defaults[key]) is float, key

@@ -23,7 +23,9 @@ EXAMPLE = ROOT / "deploy" / "ldapproxy.example.toml"
 
 #: Keys the example deliberately sets to something other than their default: a listener
 #: with TLS needs a certificate and key, and domain controllers usually need a private CA.
-EXAMPLE_NOT_DEFAULT = frozenset({"tls.certificate", "tls.private_key", "upstream.ca_file"})
+EXAMPLE_NOT_DEFAULT = frozenset(
+    {"tls.certificate", "tls.private_key", "upstream.ca_file", "metrics.endpoint"}
+)
 
 #: The subsections README's "Known limits" must keep.
 KNOWN_LIMITS = (
@@ -139,6 +141,16 @@ def test_reference_documents_option(option: config.Option) -> None:
     assert len(entries) == 1, f"``{option.dotted}`` is documented {len(entries)} times"
     assert entries[0].group == option.section, f"``{option.dotted}`` is under {entries[0].group}"
     assert entries[0].defaults == [documented_default(option)]
+
+
+def test_reference_says_which_keys_need_a_restart() -> None:
+    """Each key's entry says whether a reload applies it (``:reload: yes``) or it takes a
+    restart (``:reload: restart``), as the option table says."""
+    text = REFERENCE.read_text()
+    for option in config.OPTIONS:
+        body = text.split(f"``{option.dotted}``\n", 1)[1].split("\n``", 1)[0]
+        expected = "restart" if option.restart else "yes"
+        assert f"\n:reload: {expected}\n" in body, option.dotted
 
 
 def test_reference_documents_only_real_options() -> None:

@@ -257,7 +257,7 @@ def test_audit_log_is_reopened_on_sighup(proxy_with: Any, slapd: Slapd, tmp_path
     rotated = tmp_path / "audit.jsonl.1"
     audit.rename(rotated)
     os.kill(process.pid, signal.SIGHUP)
-    process.wait_for_log("SIGHUP: reopening plugin files")
+    process.wait_for_log("reload: configuration applied")
     assert ldap(slapd, "ldapwhoami", url).returncode == 0
     after = audit_records(audit, until=disconnects(1))
     before = audit_records(rotated)

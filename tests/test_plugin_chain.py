@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from ldapproxy import config, testing
 from ldapproxy.config import ConfigError, PluginSpec
 from ldapproxy.hooks import ALLOW, Plugin, PluginContext, PluginOptions, Request, Verdict, deny
+from ldapproxy.metrics import Metrics
 from ldapproxy.plugin_chain import PluginChain, PluginStartError, load_plugins, resolve
 
 MINIMAL = """
@@ -224,9 +225,11 @@ class Denier(Plugin):
 def test_denials_are_counted_by_plugin_and_reason() -> None:
     """Every deny is counted in ldapproxy_plugin_denials_total{plugin,reason}."""
     registry = CollectorRegistry()
+    metrics = Metrics()
+    metrics.register(registry)
     plugin = Denier()
     plugin.name = "allowlist"
-    chain = PluginChain([plugin], Clock(), 1.0, registry)
+    chain = PluginChain([plugin], Clock(), 1.0, metrics)
     for op in ("modify", "search", "modify"):
         chain.request(testing.request(op))
     labels = {"plugin": "allowlist", "reason": "operation"}
@@ -244,7 +247,9 @@ def test_late_denials_are_counted_too() -> None:
 
     plugin = Slow()
     plugin.name = "slow"
-    PluginChain([plugin], Clock(), 1.0, registry).request(testing.request("search"))
+    metrics = Metrics()
+    metrics.register(registry)
+    PluginChain([plugin], Clock(), 1.0, metrics).request(testing.request("search"))
     labels = {"plugin": "slow", "reason": "late"}
     assert registry.get_sample_value("ldapproxy_plugin_denials_total", labels) is None
     pending.callback(deny(50, "no", "late"))

@@ -30,6 +30,8 @@ class Listener:
     tls: str
     name: str
     port: int = field(default_factory=free_port)
+    #: More keys of the [[listener]] table, e.g. proxy_protocol.
+    options: dict[str, object] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -67,6 +69,7 @@ def render_toml(
             f"name = {toml_value(listener.name)}",
             f"endpoint = 'tcp:{listener.port}:interface=127.0.0.1'",
             f"tls = {toml_value(listener.tls)}",
+            *(f"{key} = {toml_value(value)}" for key, value in listener.options.items()),
             "",
         ]
     for section, values in sections.items():
