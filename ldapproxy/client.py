@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ldapproxy.config import LimitsConfig, ListenerConfig
+from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
 from ldapproxy.metrics import Metrics
 from ldapproxy.plugin_chain import NO_PLUGINS, PluginChain
 from ldapproxy.proxy_protocol import ProxyHeaderParser, ProxyProtocolError
@@ -128,12 +128,17 @@ class ClientProtocol(Protocol):
         session, but not while the session keeps reading paused (a pending verdict)."""
         if not self._unread or self._reading_paused:
             return
-        data, self._unread = self._unread, b""
         layer = getattr(self.transport, "protocol", self)
+        session = getattr(self, "session", None)
+        if layer is self and session is not None and session.listener.tls is ListenerTLS.LDAPS:
+            # An ldaps ClientHello, before TLS started (a verdict was pending): never for
+            # the LDAP parser; start_tls() hands it to the TLS layer it puts in place.
+            return
+        data, self._unread = self._unread, b""
         if layer is not self:
             layer.dataReceived(data)  # the TLS layer that startTLS put in front of us
-        elif getattr(self, "session", None) is not None:
-            self.session.client_data(data)
+        elif session is not None:
+            session.client_data(data)
 
     def handshakeCompleted(self) -> None:
         handle = self.transport.getHandle()  # type: ignore[union-attr]
@@ -157,6 +162,7 @@ class ClientProtocol(Protocol):
         if self._tls is None:
             raise RuntimeError("TLS requested on a listener without a TLS context")
         self.transport.startTLS(self._tls)  # type: ignore[union-attr]
+        self._deliver_unread()
 
     def pause_reading(self) -> None:
         self._reading_paused = True

@@ -405,3 +405,39 @@ def test_bad_plugin_configuration_fails_startup_in_one_line(
         assert len(lines) == 1, lines
         assert "[[plugin]] #1" in lines[0], lines[0]
         assert message in lines[0], lines[0]
+
+
+def test_sighup_applies_new_allowlist_rules_to_new_connections(
+    proxy_with: Any, slapd: Slapd
+) -> None:
+    """Editing the allowlist rules and sending SIGHUP applies them to connections accepted
+    afterwards: a read-only rule starts refusing modifies, with no restart."""
+    everything = {"use": "allowlist", "rules": [{"networks": ["127.0.0.0/8"]}]}
+    process, listeners = proxy_with([everything])
+    url = listeners["ldap"].url
+    change = f"dn: {ALICE_DN}\nchangetype: modify\nreplace: description\ndescription: reload\n"
+    read_only = {
+        "use": "allowlist",
+        "rules": [{"networks": ["127.0.0.0/8"], "operations": ["bind", "search", "unbind"]}],
+    }
+    text = process.config_path.read_text()
+    process.config_path.write_text(
+        text.replace("rules = [{ networks = ['127.0.0.0/8'] }]", "rules = []")
+    )
+    # First a broken edit (empty rules): refused, the running rules stay.
+    os.kill(process.pid, signal.SIGHUP)
+    process.wait_for_log(r"reload failed, the running configuration stays in force: .*rules")
+    whoami = ldap(slapd, "ldapwhoami", url, "-D", ALICE_DN, "-w", USERS[ALICE_DN])
+    assert whoami.returncode == 0, whoami.stderr
+    from support.proxy import toml_value
+
+    process.config_path.write_text(
+        text.replace(
+            "rules = [{ networks = ['127.0.0.0/8'] }]", f"rules = {toml_value(read_only['rules'])}"
+        )
+    )
+    os.kill(process.pid, signal.SIGHUP)
+    process.wait_for_log("reload: configuration applied")
+    modify = ldap(slapd, "ldapmodify", url, "-D", ALICE_DN, "-w", USERS[ALICE_DN], input=change)
+    assert modify.returncode == 50, (modify.returncode, modify.stderr)
+    assert "operation modify is not allowed from this host" in modify.stderr

@@ -1106,3 +1106,23 @@ def test_stop_cancels_probes() -> None:
     assert h.clock.getDelayedCalls() == []
     h.clock.advance(120)
     assert h.connector.count() == 1
+
+
+def test_renew_opens_with_the_new_connector_and_replaces_connections_gradually() -> None:
+    """After a reload's renew(), new connections come from the new connect function, and
+    each existing idle one gets a random expiry within one health check interval (drawn per
+    connection), so the next maintenance tick replaces them."""
+    from support.fakes import FakeConnector
+
+    h = make_pool([A], min_idle=2, max_size=4, health_check_interval=30, rng=StubRandom(1.0, 1.0))
+    first, second = h.connector.succeed_all(A)
+    renewed = FakeConnector(h.clock)
+    h.rng._fractions = (10.0, 25.0)  # uniform(0, 30) draws: expiries at +10 s and +25 s
+    h.pool.renew(renewed.connect)
+    assert h.rng.calls[-2:] == [(0, 30), (0, 30)]
+    h.clock.advance(30)  # a maintenance tick: both expired by now
+    h.answer_checks()
+    assert first.closed
+    assert second.closed
+    assert h.connector.count(A) == 2, "the old connector is not used again"
+    assert renewed.count(A) == 2
