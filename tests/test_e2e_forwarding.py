@@ -446,7 +446,12 @@ def test_pipelined_message_ids_preserved(stack: Stack, route: Route) -> None:
     requests = (
         message(7, extended(WHOAMI_OID)),
         message(1_000_000, search("", SCOPE_BASE, attributes=["supportedLDAPVersion"])),
-        message(MAX_MESSAGE_ID, search("", SCOPE_BASE, attributes=["namingContexts", "+"])),
+        # Not "+": slapd's operational attributes of the root DSE depend on the connection
+        # (TLS by StartTLS directly, ldaps from the proxy), so they may differ between paths.
+        message(
+            MAX_MESSAGE_ID,
+            search("", SCOPE_BASE, attributes=["namingContexts", "supportedControl"]),
+        ),
     )
     proxied = exchange(stack, route, *requests)
     direct = exchange(stack, route, *requests, direct=True)

@@ -365,6 +365,10 @@ overlay syncprov
 syncprov-checkpoint 100 10
 
 overlay sssvlv
+# Sort and VLV state is freed only when slapd has processed its connection's close; the
+# default limit on it (half the threads, shared by all connections) is too tight for a
+# suite that sorts on many short connections in a row.
+sssvlv-max 1000
 
 # The root DSE and the schema are public.
 access to dn.base="" by * read
