@@ -1,7 +1,7 @@
 /*
  * bench/loadgen.c -- the load generator of `make bench` (libldap, one thread per connection).
  *
- *   loadgen short|bind|search -H URL [-c N] [-d N] [-t SEC] [-w SEC] [-n USERS] [-Z]
+ *   loadgen short|bind|search|bigsearch -H URL [-c N] [-d N] [-t SEC] [-w SEC] [-n USERS] [-Z]
  *           [-S base|sub] [-b PEOPLE_DN] [-p PREFIX] [-C CAFILE] [-T SEC] [-R BYTES] [-l LABEL]
  *
  * Scenarios (user k is uid=user<k>,<PEOPLE_DN> with password <PREFIX><k>, k random in 1..USERS):
@@ -12,8 +12,19 @@
  *   bind    persistent connections (-c), each repeating simple binds as random users.
  *   search  persistent connections (-c), each bound once as a random user, each keeping -d
  *           subtree searches (uid=user<k>) outstanding (ldap_search_ext + ldap_result).
- * Every search must return exactly one entry; anything else, a failed bind, StartTLS or
- * connection, or an operation taking longer than -T seconds is an error.
+ *   bigsearch like search, but each search is (objectClass=inetOrgPerson) under PEOPLE_DN
+ *           and must return all USERS entries (-n); entries are taken one message at a time
+ *           (ldap_result LDAP_MSG_ONE) and freed at once, as a streaming client would.
+ * A search must return exactly one entry (bigsearch: USERS entries); anything else, a failed
+ * bind, StartTLS or connection, or an operation taking longer than -T seconds (bigsearch:
+ * no message for -T seconds) is an error.
+ *
+ * Bytes received: on the persistent connections (bind, search, bigsearch) a counting
+ * Sockbuf layer at LBER_SBIOD_LEVEL_APPLICATION (above TLS and the read-ahead layer) counts
+ * every byte libldap reads: the LDAP messages themselves, BER headers included, decrypted
+ * when the connection uses TLS.  The main thread sums the workers' counters at the start
+ * and at the end of the window: rx_bytes and rx_bytes_per_s in the JSON line are the bytes
+ * of LDAP responses received inside the window (whether or not their operation completed).
  *
  * Timing: workers run for -w SEC of warm-up, then -t SEC are measured; only operations that
  * complete inside the measured window count.  At the start and at the end of the window
@@ -42,8 +53,9 @@
 #include <time.h>
 #include <unistd.h>
 
-enum scenario { SHORT, BIND, SEARCH };
-static const char *const scenario_names[] = {"short", "bind", "search"};
+enum scenario { SHORT, BIND, SEARCH, BIGSEARCH };
+static const char *const scenario_names[] = {"short", "bind", "search", "bigsearch"};
+#define N_SCENARIOS ((int)(sizeof scenario_names / sizeof *scenario_names))
 
 /* options */
 static enum scenario scenario;
@@ -65,6 +77,7 @@ struct worker {
 	pthread_t thread;
 	uint64_t seed;
 	uint64_t ops, errors;
+	uint64_t rx_bytes; /* bytes libldap read on this worker's connections (atomic) */
 	uint32_t *lat_us;
 	size_t n_lat, cap_lat;
 	volatile int finished;
@@ -188,11 +201,37 @@ static int search_user(struct worker *w, LDAP *ld, int k) {
 	return LDAP_SUCCESS;
 }
 
-/* Read ahead below TLS on persistent connections: fewer read() calls per response. */
-static void add_readahead(LDAP *ld) {
+/* A Sockbuf layer that passes everything through and adds the bytes read to a counter. */
+static int count_setup(Sockbuf_IO_Desc *sbiod, void *arg) {
+	sbiod->sbiod_pvt = arg;
+	return 0;
+}
+static int count_remove(Sockbuf_IO_Desc *sbiod) {
+	(void)sbiod;
+	return 0;
+}
+static int count_ctrl(Sockbuf_IO_Desc *sbiod, int opt, void *arg) {
+	return LBER_SBIOD_CTRL_NEXT(sbiod, opt, arg);
+}
+static ber_slen_t count_read(Sockbuf_IO_Desc *sbiod, void *buf, ber_len_t len) {
+	ber_slen_t n = LBER_SBIOD_READ_NEXT(sbiod, buf, len);
+	if (n > 0) __atomic_add_fetch((uint64_t *)sbiod->sbiod_pvt, (uint64_t)n, __ATOMIC_RELAXED);
+	return n;
+}
+static ber_slen_t count_write(Sockbuf_IO_Desc *sbiod, void *buf, ber_len_t len) {
+	return LBER_SBIOD_WRITE_NEXT(sbiod, buf, len);
+}
+static Sockbuf_IO counting_io = {count_setup, count_remove, count_ctrl,
+                                  count_read,  count_write,  NULL};
+
+/* On persistent connections: read ahead below TLS (fewer read() calls per response), and
+ * count the bytes received at the top of the stack. */
+static void add_layers(struct worker *w, LDAP *ld) {
 	Sockbuf *sb = NULL;
-	if (!readahead || ldap_get_option(ld, LDAP_OPT_SOCKBUF, &sb) != LDAP_OPT_SUCCESS || !sb) return;
-	ber_sockbuf_add_io(sb, &ber_sockbuf_io_readahead, LBER_SBIOD_LEVEL_PROVIDER, &readahead);
+	if (ldap_get_option(ld, LDAP_OPT_SOCKBUF, &sb) != LDAP_OPT_SUCCESS || !sb) return;
+	if (readahead)
+		ber_sockbuf_add_io(sb, &ber_sockbuf_io_readahead, LBER_SBIOD_LEVEL_PROVIDER, &readahead);
+	ber_sockbuf_add_io(sb, &counting_io, LBER_SBIOD_LEVEL_APPLICATION, &w->rx_bytes);
 }
 
 static void pause_after_error(void) { usleep(20000); }
@@ -217,7 +256,7 @@ static LDAP *bound_connection(struct worker *w) {
 		LDAP *ld = open_connection(w);
 		int broken = 0;
 		if (ld && bind_user(w, ld, random_user(w), &broken) == LDAP_SUCCESS) {
-			add_readahead(ld);
+			add_layers(w, ld);
 			return ld;
 		}
 		if (ld) ldap_unbind_ext_s(ld, NULL, NULL);
@@ -232,7 +271,7 @@ static void run_bind(struct worker *w) {
 		if (!ld) {
 			ld = open_connection(w);
 			if (!ld) { pause_after_error(); continue; }
-			add_readahead(ld);
+			add_layers(w, ld);
 		}
 		double started = now();
 		int broken = 0;
@@ -251,7 +290,8 @@ struct pending { int msgid, entries; double started; };
 static void run_search(struct worker *w) {
 	struct pending *slots = calloc((size_t)depth, sizeof *slots);
 	LDAP *ld = NULL;
-	int outstanding = 0;
+	int outstanding = 0, big = scenario == BIGSEARCH, expected = big ? users : 1;
+	double last_message = now(); /* bigsearch: the op timeout counts from the last message */
 	char filter[64];
 	for (;;) {
 		if (!ld) {
@@ -263,7 +303,8 @@ static void run_search(struct worker *w) {
 		/* keep the pipeline full (not once stopping: then drain) */
 		for (int i = 0; i < depth && !stopping && !broken; i++) {
 			if (slots[i].msgid) continue;
-			snprintf(filter, sizeof filter, "(uid=user%d)", random_user(w));
+			if (big) snprintf(filter, sizeof filter, "(objectClass=inetOrgPerson)");
+			else snprintf(filter, sizeof filter, "(uid=user%d)", random_user(w));
 			int msgid, rc = ldap_search_ext(ld, people, LDAP_SCOPE_SUBTREE, filter, NULL, 0, NULL,
 			                                NULL, NULL, 0, &msgid);
 			if (rc != LDAP_SUCCESS) {
@@ -287,13 +328,16 @@ static void run_search(struct worker *w) {
 			} else if (type == 0) {
 				double t = now();
 				for (int i = 0; i < depth; i++)
-					if (slots[i].msgid && t - slots[i].started > op_timeout) {
+					if (slots[i].msgid &&
+					    t - (big && last_message > slots[i].started ? last_message
+					                                                : slots[i].started) > op_timeout) {
 						failed(w, "search: no answer after %.0f s", op_timeout);
 						broken = 1;
 						break;
 					}
 			} else {
 				int id = ldap_msgid(msg), i;
+				last_message = now();
 				for (i = 0; i < depth && slots[i].msgid != id; i++) {}
 				if (i == depth) {
 					failed(w, "unexpected message type %d, id %d", type, id);
@@ -306,8 +350,8 @@ static void run_search(struct worker *w) {
 						err = LDAP_OTHER;
 					if (err != LDAP_SUCCESS)
 						failed(w, "search: %s (%d)", ldap_err2string(err), err);
-					else if (slots[i].entries != 1)
-						failed(w, "search: %d entries instead of 1", slots[i].entries);
+					else if (slots[i].entries != expected)
+						failed(w, "search: %d entries instead of %d", slots[i].entries, expected);
 					else
 						completed(w, slots[i].started);
 					slots[i].msgid = 0;
@@ -331,7 +375,8 @@ static void *worker_main(void *arg) {
 	switch (scenario) {
 	case SHORT: run_short(w); break;
 	case BIND: run_bind(w); break;
-	case SEARCH: run_search(w); break;
+	case SEARCH:
+	case BIGSEARCH: run_search(w); break;
 	}
 	__atomic_store_n(&w->finished, 1, __ATOMIC_RELEASE);
 	return NULL;
@@ -353,7 +398,13 @@ static void json_string(FILE *f, const char *s) {
 	fputc('"', f);
 }
 
-static void report(int complete, double cpu_window, double window) {
+static uint64_t rx_bytes_now(void) {
+	uint64_t sum = 0;
+	for (int i = 0; i < conns; i++) sum += __atomic_load_n(&workers[i].rx_bytes, __ATOMIC_RELAXED);
+	return sum;
+}
+
+static void report(int complete, double cpu_window, double window, uint64_t rx_window) {
 	uint64_t ops = 0, errors = 0;
 	size_t n = 0;
 	for (int i = 0; i < conns; i++) {
@@ -387,11 +438,14 @@ static void report(int complete, double cpu_window, double window) {
 	printf(",\"starttls\":%s,\"conns\":%d,\"depth\":%d,\"users\":%d,\"warmup_s\":%.3f,"
 	       "\"duration_s\":%.3f,\"complete\":%s,\"ops\":%llu,\"ops_per_s\":%.1f,\"errors\":%llu,"
 	       "\"lat_us\":{\"p50\":%.0f,\"p90\":%.0f,\"p99\":%.0f,\"max\":%.0f,\"mean\":%.1f},"
+	       "\"rx_bytes\":%llu,\"rx_bytes_per_s\":%.1f,"
 	       "\"cpu_s\":%.3f,\"cpu_total_s\":%.3f,\"first_error\":",
-	       use_starttls ? "true" : "false", conns, scenario == SEARCH ? depth : 1, users, warmup,
-	       window, complete ? "true" : "false", (unsigned long long)ops,
+	       use_starttls ? "true" : "false", conns,
+	       scenario == SEARCH || scenario == BIGSEARCH ? depth : 1, users, warmup, window,
+	       complete ? "true" : "false", (unsigned long long)ops,
 	       window > 0 ? (double)ops / window : 0.0, (unsigned long long)errors, p50, p90, p99, max,
-	       mean, cpu_window, cpu_seconds());
+	       mean, (unsigned long long)rx_window, window > 0 ? (double)rx_window / window : 0.0,
+	       cpu_window, cpu_seconds());
 	json_string(stdout, first_error);
 	printf("}\n");
 	fflush(stdout);
@@ -413,16 +467,17 @@ static void sleep_until(double t) {
 
 static void usage(void) {
 	fprintf(stderr,
-	        "usage: loadgen short|bind|search -H URL [-c conns] [-d depth] [-t sec] [-w sec]\n"
-	        "               [-n users] [-Z] [-S base|sub] [-b people_dn] [-p password_prefix]\n"
-	        "               [-C cafile] [-T op_timeout] [-R readahead_bytes] [-l label]\n");
+	        "usage: loadgen short|bind|search|bigsearch -H URL [-c conns] [-d depth] [-t sec]\n"
+	        "               [-w sec] [-n users] [-Z] [-S base|sub] [-b people_dn]\n"
+	        "               [-p password_prefix] [-C cafile] [-T op_timeout]\n"
+	        "               [-R readahead_bytes] [-l label]\n");
 	exit(2);
 }
 
 int main(int argc, char **argv) {
 	if (argc < 2) usage();
 	int found = 0;
-	for (int i = 0; i < 3; i++)
+	for (int i = 0; i < N_SCENARIOS; i++)
 		if (!strcmp(argv[1], scenario_names[i])) { scenario = (enum scenario)i; found = 1; }
 	if (!found) usage();
 	optind = 2;
@@ -480,10 +535,12 @@ int main(int argc, char **argv) {
 	}
 	sleep_until(t_window_start);
 	double cpu_start = cpu_seconds();
+	uint64_t rx_start = rx_bytes_now();
 	printf("#window-start\n");
 	fflush(stdout);
 	sleep_until(t_window_end);
 	double cpu_end = cpu_seconds();
+	uint64_t rx_end = rx_bytes_now();
 	printf("#window-end\n");
 	fflush(stdout);
 	stopping = 1;
@@ -501,7 +558,7 @@ int main(int argc, char **argv) {
 		for (int i = 0; i < conns; i++) pthread_join(workers[i].thread, NULL);
 	else
 		fprintf(stderr, "loadgen: some workers did not stop; reporting what was measured\n");
-	report(complete, cpu_end - cpu_start, duration);
+	report(complete, cpu_end - cpu_start, duration, rx_end - rx_start);
 	if (!complete) _exit(3);
 	return 0;
 }

@@ -33,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="lowest level logged, overriding log.level (debug adds a line per connection)",
     )
+    # A worker started by the supervisor ([process] workers > 1); not for people.
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--listeners", default="{}", help=argparse.SUPPRESS)
+    run.add_argument("--metrics-socket", default=None, help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate the configuration without serving")
     check.add_argument("-c", "--config", required=True, type=Path, help="configuration file (TOML)")
     check.add_argument(
@@ -42,6 +46,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.add_argument("--port", type=int, default=3389, help="plain/StartTLS port (default 3389)")
     demo.add_argument("--ldaps-port", type=int, default=3636, help="LDAPS port (default 3636)")
     args = parser.parse_args(argv)
+    if args.command == "run" and args.worker is not None:
+        from ldapproxy.workers import run_worker
+
+        sys.exit(
+            run_worker(
+                args.config, args.log_level, args.worker, args.listeners, args.metrics_socket
+            )
+        )
     if args.command == "run":
         sys.exit(_run(args.config, args.log_level))
     if args.command == "check":
@@ -90,6 +102,11 @@ def _run(path: Path, log_level: str | None = None) -> int:
     service = _load(path)
     if isinstance(service, int):
         return service
+    if service.config.process.workers > 1:
+        from ldapproxy.workers import supervise
+
+        # This service only validated the configuration; each worker builds its own.
+        return supervise(service.config, service.inherited, log_level)
     log = service.config.log
     return serve(lambda: defer.succeed(service), log_level, log.format, log.level)
 
@@ -99,13 +116,15 @@ def serve(
     log_level: str | None = None,
     log_format: str = "text",
     config_level: str = "info",
+    notifier: Any = None,
 ) -> int:
     """Run the reactor: ``build()`` gives the proxy service, whose listeners are bound.
 
     Tells systemd (if it started the proxy) when it is ready, reloading and stopping;
     SIGHUP reloads the configuration, SIGTERM drains and stops.  Returns the exit status:
     0 after a signal stops the proxy, 1 or 2 if startup failed (with one line on stderr,
-    no traceback).
+    no traceback).  ``notifier`` replaces the systemd notifier (a worker's reports to
+    its supervisor, :class:`ldapproxy.workers.WorkerNotifier`).
     """
     from twisted.internet import reactor
     from twisted.logger import Logger
@@ -116,7 +135,8 @@ def serve(
 
     log = Logger(namespace="ldapproxy.service")
     exit_code = 0
-    notifier = Notifier.from_environment(os.environ, reactor)
+    if notifier is None:
+        notifier = Notifier.from_environment(os.environ, reactor)
     predicate = start_logging(
         sys.stderr, LogLevel.levelWithName(log_level or config_level), log_format
     )
@@ -199,3 +219,7 @@ def _check(path: Path, connect: bool) -> int:
         if stop.code:
             return int(stop.code)
     return 0 if result and result[0] else 1
+
+
+if __name__ == "__main__":  # workers are started as ``python -m ldapproxy.cli``
+    main()

@@ -29,11 +29,19 @@ from ldapproxy.plugin_chain import NO_PLUGINS, PluginChain
 from ldapproxy.proxy_protocol import ProxyHeaderParser, ProxyProtocolError
 from ldapproxy.session import Session, UpstreamSource
 from ldapproxy.tls import ServerTLS
-from ldapproxy.upstream import UpstreamProtocol
+from ldapproxy.upstream import UpstreamProtocol, no_delay
 
 log = Logger(namespace="ldapproxy.client")
 
 _session_ids = itertools.count(1)
+
+
+def number_sessions(first: int, step: int) -> None:
+    """Number this process's sessions ``first``, ``first + step``...: with N workers, worker
+    ``k`` (from 1) uses ``k, k + N, k + 2N...``, so connection ids are unique across the
+    workers, in the main log and in the audit log alike."""
+    global _session_ids
+    _session_ids = itertools.count(first, step)
 
 
 @implementer(IPushProducer)
@@ -89,6 +97,7 @@ class ClientProtocol(Protocol):
         self._reading_paused = False
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         if self._proxy_header is not None:
             if not self._proxy_header.trusted(self._peer):
                 self.transport.abortConnection()  # type: ignore[union-attr]

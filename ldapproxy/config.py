@@ -124,6 +124,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ProcessConfig:
+    """The ``[process]`` table: how many worker processes serve the listeners."""
+
+    workers: int = 1
+
+
+@dataclass(frozen=True)
 class PluginSpec:
     """One ``[[plugin]]`` table: which plugin, and its own keys (the plugin validates them,
     see :mod:`ldapproxy.plugin_chain`)."""
@@ -148,6 +155,7 @@ class Config:
     plugins: tuple[PluginSpec, ...] = ()
     metrics: MetricsConfig = MetricsConfig("")
     log: LogConfig = LogConfig("text", "info")
+    process: ProcessConfig = ProcessConfig()
 
 
 # -- the option table --------------------------------------------------------------------
@@ -218,6 +226,14 @@ def _count(minimum: int) -> Callable[[Any], int]:
         return value
 
     return parse
+
+
+def _workers(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Bad("expected an integer number of processes")
+    if not 1 <= value <= 64:
+        raise _Bad("expected an integer from 1 to 64")
+    return value
 
 
 def _pdu_size(value: Any) -> int:
@@ -543,9 +559,27 @@ OPTIONS: tuple[Option, ...] = (
         "Lowest level logged: debug, info, warn or error.",
         _choice("debug", "info", "warn", "error"),
     ),
+    Option(
+        "process",
+        "workers",
+        1,
+        "Worker processes sharing the listeners, each with its own pool; 1 runs no supervisor.",
+        _workers,
+        restart=True,
+    ),
 )
 
-_SECTIONS = ("listener", "tls", "upstream", "pool", "limits", "metrics", "log", "plugin")
+_SECTIONS = (
+    "listener",
+    "tls",
+    "upstream",
+    "pool",
+    "limits",
+    "metrics",
+    "log",
+    "process",
+    "plugin",
+)
 
 
 def load(path: Path) -> Config:
@@ -592,8 +626,29 @@ def parse(document: Mapping[str, Any], path: Path) -> Config:
     plugins = _plugins(document.get("plugin"), path)
     metrics = MetricsConfig(**_table(document, "metrics", path))
     log = LogConfig(**_table(document, "log", path))
+    process = ProcessConfig(**_table(document, "process", path))
+    if process.workers > 1:
+        from ldapproxy.workers import check_worker_endpoint
+
+        for listener in listeners:
+            try:
+                check_worker_endpoint(listener.endpoint)
+            except ValueError as error:
+                raise ConfigError(
+                    f"{path}: [[listener]] {listener.name!r} endpoint = "
+                    f"{_show(listener.endpoint)}: {error}"
+                ) from None
     config = Config(
-        path, listeners, tls, UpstreamConfig(**upstream), pool, limits, plugins, metrics, log
+        path,
+        listeners,
+        tls,
+        UpstreamConfig(**upstream),
+        pool,
+        limits,
+        plugins,
+        metrics,
+        log,
+        process,
     )
     needs_tls = [lc for lc in listeners if lc.tls is not ListenerTLS.NONE]
     if needs_tls and not (tls.certificate and tls.private_key):
@@ -726,6 +781,7 @@ def reloaded(running: Config, new: Config) -> Config:
         pool=running.pool,
         metrics=running.metrics,
         log=dataclasses.replace(new.log, format=running.log.format),
+        process=running.process,
     )
 
 

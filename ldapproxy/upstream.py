@@ -54,6 +54,14 @@ class UpstreamState(enum.Enum):
     CLOSED = "closed"
 
 
+def no_delay(transport: Any) -> None:
+    """Turn off Nagle's algorithm on a TCP transport: LDAP is request and response, and a
+    small response held back for the peer's delayed ACK costs tens of milliseconds."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 class UpstreamError(Exception):
     """Connecting to one upstream URL failed; ``str(error)`` names the URL and reason."""
 
@@ -114,6 +122,7 @@ class UpstreamProtocol(Protocol):
     # -- establishing ------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         if self.url.scheme == "ldaps":
             self._start_tls()
         else:

@@ -68,6 +68,7 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "metrics.endpoint": loaded.metrics.endpoint,
         "log.format": loaded.log.format,
         "log.level": loaded.log.level,
+        "process.workers": loaded.process.workers,
     }
     assert defaults == {
         "listener.name": "listener0",
@@ -97,6 +98,7 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "metrics.endpoint": "",
         "log.format": "text",
         "log.level": "info",
+        "process.workers": 1,
     }
     for key in ("upstream.connect_timeout", "limits.idle_timeout", "limits.tls_handshake_timeout"):
         assert type(defaults[key]) is float, key
