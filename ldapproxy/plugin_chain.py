@@ -156,6 +156,9 @@ class PluginChain:
         self.tracks_operations = bool(self._request or self._response)
         #: Whether any plugin decides on requests.
         self.decides_requests = bool(self._request)
+        #: Whether any plugin observes responses (else only binds are followed to their
+        #: response, for the bound DN).
+        self.observes_responses = bool(self._response)
         #: Whether any plugin decides on connections.
         self.decides_connections = bool(self._accept)
         #: The operation names whose fields some plugin asked for.

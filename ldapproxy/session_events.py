@@ -92,7 +92,7 @@ class SessionEvents:
         if name in self.chain.fields_for or op == m.BIND_REQUEST:
             fields = decode_fields(op, pdu)
         request = Request(self.connection(), message_id, name, fields, self._clock.seconds())
-        if op in m.RESPONSE_FOR_REQUEST:
+        if op in m.RESPONSE_FOR_REQUEST and (self.chain.observes_responses or op == m.BIND_REQUEST):
             self._ops[message_id] = _Operation(request)
         return request
 
@@ -115,6 +115,8 @@ class SessionEvents:
         request = operation.request
         if request.op == "bind":
             self._bound_as(request, code)
+        if not self.chain.observes_responses:
+            return
         self.chain.response(
             Response(
                 request,

@@ -529,3 +529,27 @@ def test_disconnect_hook_runs_exactly_once(ending: str, reason: str) -> None:
     assert gone.requests == (2 if ending == "unbind" else 1)  # garbage is no request
     assert gone.denied_by is None
     assert h.session.state is SessionState.CLOSED
+
+
+def test_request_only_plugins_still_see_the_bound_dn() -> None:
+    """A plugin with a request hook and no response hook (no Response events are built for
+    it) still sees the DN of the last successful bind in its connection view."""
+
+    class RequestsOnly(Plugin):
+        def __init__(self) -> None:
+            self.seen: list[Request] = []
+
+        def request(self, request: Request) -> Verdict:
+            self.seen.append(request)
+            return ALLOW
+
+    plugin = RequestsOnly()
+    h = make_session(plugins=[plugin])
+    h.send(request(2, m.BIND_REQUEST))
+    upstream = h.source.succeed()
+    upstream.deliver(result(2, m.BIND_RESPONSE))
+    h.send(search_request(3))
+    upstream.deliver(search_entry(3), result(3, m.SEARCH_RESULT_DONE))
+    h.send(search_request(4))
+    assert plugin.seen[-1].connection.bound_dn == "cn=someone,dc=example,dc=com"
+    assert h.session._events.in_flight is False, "nothing is kept for unobserved searches"
