@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from ldapproxy import config as configuration
 from ldapproxy.client import ClientFactory
-from ldapproxy.config import Config, ConfigError, ListenerTLS
+from ldapproxy.config import Config, ListenerTLS
 from ldapproxy.hooks import PluginContext
 from ldapproxy.metrics import Metrics, Sources
 from ldapproxy.plugin_chain import PluginChain, load_plugins
@@ -37,7 +37,7 @@ from ldapproxy.systemd import (
     parse_systemd_endpoint,
     select_fds,
 )
-from ldapproxy.tls import ServerTLS, TLSSetupError, UpstreamTLS
+from ldapproxy.tls import ServerTLS, UpstreamTLS
 from ldapproxy.upstream import UpstreamDialer
 
 log = Logger(namespace="ldapproxy.service")
@@ -259,7 +259,9 @@ class ProxyService(MultiService):
             upstream_tls = UpstreamTLS(new.upstream)
             plugin_registry = CollectorRegistry()
             plugins = self._load_plugins(new, plugin_registry)
-        except (ConfigError, TLSSetupError) as error:
+        except Exception as error:
+            # ConfigError and TLSSetupError name the key; anything else (a plugin's bug in
+            # from_config) is reported the same way: a reload never takes the proxy down.
             self.metrics.count_reload("failure")
             log.error(
                 "reload failed, the running configuration stays in force: {error}", error=error
@@ -269,6 +271,7 @@ class ProxyService(MultiService):
             self._plugins_started,
             self._plugins_failed,
             callbackArgs=(new, server_tls, upstream_tls, plugins, plugin_registry),
+            errbackArgs=(plugins,),
         )
 
     def _plugins_started(
@@ -301,7 +304,8 @@ class ProxyService(MultiService):
         log.info("reload: configuration applied from {path}", path=str(new.path))
         return True
 
-    def _plugins_failed(self, failure: Any) -> bool:
+    def _plugins_failed(self, failure: Any, plugins: PluginChain) -> bool:
+        plugins.stop()  # those that did start (an audit log opened...) are released
         self.metrics.count_reload("failure")
         log.error(
             "reload failed, the running configuration stays in force: {error}",

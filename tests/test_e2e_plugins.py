@@ -441,3 +441,22 @@ def test_sighup_applies_new_allowlist_rules_to_new_connections(
     modify = ldap(slapd, "ldapmodify", url, "-D", ALICE_DN, "-w", USERS[ALICE_DN], input=change)
     assert modify.returncode == 50, (modify.returncode, modify.stderr)
     assert "operation modify is not allowed from this host" in modify.stderr
+
+
+def test_sighup_with_a_plugin_that_cannot_start_keeps_the_running_one(
+    proxy_with: Any, slapd: Slapd, tmp_path: Path
+) -> None:
+    """A reload whose audit log cannot be opened is refused with one line naming the path;
+    the running audit log keeps recording."""
+    audit = tmp_path / "audit.jsonl"
+    process, listeners = proxy_with([{"use": "audit", "path": str(audit)}])
+    url = listeners["ldap"].url
+    missing = tmp_path / "no-such-dir" / "audit.jsonl"
+    text = process.config_path.read_text()
+    process.config_path.write_text(text.replace(str(audit), str(missing)))
+    os.kill(process.pid, signal.SIGHUP)
+    line = process.wait_for_log(r"reload failed, the running configuration stays in force: .*")
+    assert str(missing) in line.group(0)
+    assert ldap(slapd, "ldapwhoami", url).returncode == 0
+    records = audit_records(audit, until=disconnects(1))
+    assert [r.get("op", r["event"]) for r in records][-1] == "disconnect"
