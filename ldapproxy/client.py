@@ -27,7 +27,7 @@ from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
 from ldapproxy.metrics import Metrics
 from ldapproxy.plugin_chain import NO_PLUGINS, PluginChain
 from ldapproxy.proxy_protocol import ProxyHeaderParser, ProxyProtocolError
-from ldapproxy.session import Session, UpstreamSource
+from ldapproxy.session import Session, UpstreamSource, format_peer
 from ldapproxy.tls import ServerTLS
 from ldapproxy.upstream import UpstreamProtocol, no_delay
 
@@ -287,7 +287,7 @@ class _ProxyHeaderReader:
         log.warn(
             "{peer}: connection refused on listener {listener}: not among its "
             "trusted_proxies (proxy_protocol = true)",
-            peer=_format(peer),
+            peer=format_peer(peer),
             listener=self._listener.name,
         )
         return False
@@ -324,7 +324,7 @@ class _ProxyHeaderReader:
         self.stop()
         log.warn(
             "{peer}: closing on listener {listener}: {why}",
-            peer=_format(self._peer),
+            peer=format_peer(self._peer),
             listener=self._listener.name,
             why=why,
         )
@@ -340,8 +340,3 @@ def _plain_host(host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
-
-
-def _format(peer: tuple[str, int]) -> str:
-    host, port = peer
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

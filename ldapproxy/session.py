@@ -180,11 +180,7 @@ class Session:
         self.id = session_id
         self.client_host, self.client_port = peer
         #: ``ip:port`` (``[ip]:port`` for IPv6), as in log lines.
-        self.peer = (
-            f"[{self.client_host}]:{self.client_port}"
-            if ":" in self.client_host
-            else f"{self.client_host}:{self.client_port}"
-        )
+        self.peer = format_peer(peer)
         self.listener = listener
         self.state = SessionState.PLAINTEXT
         #: TLS protocol version name once the client's TLS is up, e.g. "TLSv1.3".
@@ -908,6 +904,12 @@ class Session:
             if timer is not None and timer.active():
                 timer.cancel()
         self._idle_timer = self._handshake_timer = None
+
+
+def format_peer(peer: tuple[str, int]) -> str:
+    """``ip:port``, or ``[ip]:port`` for IPv6: how log lines name a peer."""
+    host, port = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _now_or_later(

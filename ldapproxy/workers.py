@@ -242,10 +242,11 @@ class WorkerNotifier:
         return self._send("STOPPING")
 
     def start_watchdog(self) -> bool:
+        """No watchdog here: the supervisor pings systemd's, a worker's is its pipe."""
         return False
 
     def stop_watchdog(self) -> None:
-        pass
+        """Nothing to stop (see :meth:`start_watchdog`)."""
 
     def close(self) -> None:
         fd, self._fd = self._fd, None

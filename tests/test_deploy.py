@@ -8,9 +8,7 @@ ldapproxy (socket activation, HAProxy's LDAP health check) against a real proxy.
 
 from __future__ import annotations
 
-import csv
 import ctypes.util
-import io
 import ipaddress
 import json
 import os
@@ -27,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.haproxy import haproxy_binary, haproxy_sections, haproxy_stats
 from support.ldaptools import run_ldap_tool
 from support.net import free_port
 from support.proxy import LDAPPROXY, Listener, ProxyProcess, proxy_config
@@ -763,31 +762,6 @@ def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
 # -- HAProxy ------------------------------------------------------------------------------
 
 
-def haproxy_binary() -> str | None:
-    """The haproxy executable, on PATH or where Debian installs it."""
-    found = shutil.which("haproxy")
-    if found is None and os.access("/usr/sbin/haproxy", os.X_OK):
-        found = "/usr/sbin/haproxy"
-    return found
-
-
-def haproxy_sections(text: str) -> dict[str, list[list[str]]]:
-    """The statements of each section ("global", "backend ldapproxy"...), as word lists."""
-    sections: dict[str, list[list[str]]] = {}
-    current = None
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if not words:
-            continue
-        if not line[0].isspace():
-            current = " ".join(words)
-            sections[current] = []
-        else:
-            assert current is not None, line
-            sections[current].append(words)
-    return sections
-
-
 def haproxy_duration(value: str) -> float:
     """An HAProxy time such as ``30m`` or ``5s`` (default milliseconds) in seconds."""
     number, unit = re.fullmatch(r"(\d+)(us|ms|s|m|h|d)?", value).groups()
@@ -871,18 +845,6 @@ NOT_YET_SUPPORTED_SERVER_OPTIONS: tuple[str, ...] = ()
 
 #: The listener keys of an ldapproxy behind the HAProxy of these tests, on loopback.
 BEHIND_HAPROXY: dict[str, object] = {"proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
-
-
-def haproxy_stats(socket_path: Path) -> list[dict[str, str]]:
-    """The rows of HAProxy's "show stat" on its admin socket."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(str(socket_path))
-        sock.sendall(b"show stat\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return list(csv.DictReader(io.StringIO(data.decode().lstrip("# "))))
 
 
 @pytest.fixture

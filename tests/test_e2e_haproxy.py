@@ -10,12 +10,9 @@ instances, and runs its health checks, from 127.0.0.1.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -28,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.haproxy import haproxy_binary, haproxy_sections, haproxy_stats
 from support.net import free_port
 from support.proxy import Listener, ProxyProcess, proxy_config
 from support.rawldap import simple_bind, subtree_search
@@ -64,46 +62,9 @@ CHECK_INTERVAL = "500ms"
 REQUIRED_SERVER_OPTIONS = ("check", "send-proxy-v2", "check-send-proxy")
 
 
-def haproxy_binary() -> str | None:
-    """The haproxy executable, on PATH or where Debian installs it."""
-    found = shutil.which("haproxy")
-    if found is None and os.access("/usr/sbin/haproxy", os.X_OK):
-        found = "/usr/sbin/haproxy"
-    return found
-
-
 pytestmark = pytest.mark.skipif(
     haproxy_binary() is None, reason="haproxy is not installed (apt-get install haproxy)"
 )
-
-
-def haproxy_sections(text: str) -> dict[str, list[list[str]]]:
-    """The statements of each section ("global", "backend ldapproxy"...), as word lists."""
-    sections: dict[str, list[list[str]]] = {}
-    current = None
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if not words:
-            continue
-        if not line[0].isspace():
-            current = " ".join(words)
-            sections[current] = []
-        else:
-            assert current is not None, line
-            sections[current].append(words)
-    return sections
-
-
-def haproxy_stats(socket_path: Path) -> list[dict[str, str]]:
-    """The rows of HAProxy's "show stat" on its admin socket."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(str(socket_path))
-        sock.sendall(b"show stat\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return list(csv.DictReader(io.StringIO(data.decode().lstrip("# "))))
 
 
 def derive_haproxy_config(
