@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     demo.add_argument("--port", type=int, default=3389, help="plain/StartTLS port (default 3389)")
     demo.add_argument("--ldaps-port", type=int, default=3636, help="LDAPS port (default 3636)")
     args = parser.parse_args(argv)
+    from ldapproxy.reactor import install
+
+    install()  # before anything imports twisted.internet.reactor
     if args.command == "run" and args.worker is not None:
         from ldapproxy.workers import run_worker
 
