@@ -44,7 +44,7 @@ def test_client_connections_set_tcp_nodelay() -> None:
 def test_upstream_connections_set_tcp_nodelay() -> None:
     """A connection to the directory gets TCP_NODELAY before StartTLS is sent."""
     verifier: Any = None  # not reached: an ldap:// URL starts with the StartTLS request
-    protocol = UpstreamProtocol(UpstreamURL("ldap", "dc1.example.com", 389), verifier)
+    protocol = UpstreamProtocol(UpstreamURL("ldap", "dc1.example.com", 389), verifier, Clock())
     transport = TCPTransport()
     protocol.makeConnection(transport)
     assert transport.no_delay == [True]
