@@ -319,6 +319,17 @@ class Plugin:
         options.finish()
         return cls()
 
+    def wants(self, hook: str) -> bool:
+        """Whether this instance needs ``hook`` (a hook name), asked once after
+        :meth:`from_config`.
+
+        Only hooks the class overrides are asked about.  A plugin whose configuration makes
+        an overridden hook a no-op (an allowlist whose rules restrict no operation never
+        denies a request) returns False for it, and the proxy then does no per-request
+        work for it.
+        """
+        return True
+
     def start(self) -> defer.Deferred[None] | None:
         """Acquire resources (open files...); an exception stops startup with its message."""
         return None

@@ -116,8 +116,9 @@ def load_plugins(specs: Sequence[PluginSpec], context: PluginContext) -> list[Pl
 # -- dispatch --------------------------------------------------------------------------------
 
 
-def _overrides(plugin: Plugin, hook: str) -> bool:
-    return getattr(type(plugin), hook) is not getattr(Plugin, hook)
+def _uses(plugin: Plugin, hook: str) -> bool:
+    """Whether ``plugin`` overrides ``hook`` and, configured as it is, wants it called."""
+    return getattr(type(plugin), hook) is not getattr(Plugin, hook) and plugin.wants(hook)
 
 
 E = TypeVar("E", Connection, Request)
@@ -126,8 +127,9 @@ E = TypeVar("E", Connection, Request)
 class PluginChain:
     """The configured plugins, called hook by hook in configuration order.
 
-    Only the plugins that override a hook are called for it, so a proxy without plugins
-    (or without request hooks) does no per-request work here.
+    Only the plugins that override a hook (and want it: :meth:`Plugin.wants`) are called
+    for it, so a proxy without plugins (or without request hooks) does no per-request
+    work here.
     """
 
     def __init__(
@@ -143,7 +145,7 @@ class PluginChain:
         self._metrics = metrics
 
         def having(hook: str) -> tuple[Plugin, ...]:
-            return tuple(p for p in self.plugins if _overrides(p, hook))
+            return tuple(p for p in self.plugins if _uses(p, hook))
 
         self._accept = having("connection_accepted")
         self._request = having("request")

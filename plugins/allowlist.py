@@ -77,6 +77,13 @@ class Allowlist(Plugin):
                 )
         return cls(rules)
 
+    def wants(self, hook: str) -> bool:
+        """Requests are checked only if some rule restricts operations: else every
+        connection that was accepted may send anything, and requests cost nothing."""
+        if hook == "request":
+            return any(rule.operations is not None for rule in self.rules)
+        return True
+
     def rule_for(self, connection: Connection) -> Rule | None:
         """The first rule that matches ``connection``, or ``None``."""
         addresses = _addresses(connection.client_host)

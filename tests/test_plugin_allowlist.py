@@ -7,9 +7,11 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
+from twisted.internet.task import Clock
 
 from ldapproxy import testing
 from ldapproxy.hooks import ALLOW, OPERATIONS, PluginConfigError, Verdict
+from ldapproxy.plugin_chain import PluginChain
 from ldapproxy.plugins.allowlist import Allowlist
 
 #: The rules most tests run against: loopback may do anything anywhere, 10.20/16 may read
@@ -328,3 +330,17 @@ def test_listener_names_are_checked_against_the_configured_listeners() -> None:
         testing.options({"rules": known}), testing.context(listeners=("ldap", "ldaps"))
     )
     assert plugin.rules[0].listeners == frozenset({"ldaps"})
+
+
+def test_host_only_rules_want_no_request_hook() -> None:
+    """Rules without ``operations`` never deny a request of an accepted connection, so the
+    plugin asks not to be called for requests; one restricting rule turns it on."""
+    host_only = allowlist([{"networks": ["10.0.0.0/8"]}, {"networks": ["::1/128"]}])
+    assert not host_only.wants("request")
+    assert host_only.wants("connection_accepted")
+    restricting = allowlist(
+        [{"networks": ["10.0.0.0/8"]}, {"networks": ["::1/128"], "operations": ["search"]}]
+    )
+    assert restricting.wants("request")
+    assert PluginChain([host_only], Clock(), 1.0).decides_requests is False
+    assert PluginChain([restricting], Clock(), 1.0).decides_requests is True

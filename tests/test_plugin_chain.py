@@ -272,3 +272,29 @@ def test_only_overridden_hooks_are_called() -> None:
     both = PluginChain([Denier(), resolve("bind_guard")(Clock(), 1, 1, 1.0)], Clock(), 1.0)
     assert both.decides_requests
     assert both.fields_for == frozenset({"bind"})
+
+
+def test_hooks_a_plugin_does_not_want_are_not_called() -> None:
+    """``wants(hook)`` False: the overridden hook is left out of the chain, so sessions do
+    no per-request work for it; the plugin's other hooks still run."""
+    calls: list[str] = []
+
+    class HostOnly(Plugin):
+        def wants(self, hook: str) -> bool:
+            return hook != "request"
+
+        def connection_accepted(self, connection: Any) -> Verdict:
+            calls.append("accepted")
+            return ALLOW
+
+        def request(self, request: Request) -> Verdict:
+            calls.append("request")
+            return deny(50, "never asked", "test")
+
+    chain = PluginChain([HostOnly()], Clock(), 1.0)
+    assert chain.decides_connections
+    assert not chain.decides_requests
+    assert not chain.tracks_operations
+    decision = chain.connection_accepted(testing.connection())
+    assert not isinstance(decision, defer.Deferred) and decision.allowed
+    assert calls == ["accepted"]
