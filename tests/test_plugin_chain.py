@@ -296,5 +296,6 @@ def test_hooks_a_plugin_does_not_want_are_not_called() -> None:
     assert not chain.decides_requests
     assert not chain.tracks_operations
     decision = chain.connection_accepted(testing.connection())
-    assert not isinstance(decision, defer.Deferred) and decision.allowed
+    assert not isinstance(decision, defer.Deferred)
+    assert decision.allowed
     assert calls == ["accepted"]
