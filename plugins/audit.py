@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import re
@@ -118,11 +119,16 @@ def is_schema_dn(dn: str) -> bool:
     return False
 
 
+#: Any password attribute name anywhere in a string: the cheap pre-check of redact_dn.
+_PASSWORD_NAME: Final = re.compile(
+    "|".join(re.escape(name) for name in sorted(PASSWORD_ATTRIBUTES)), re.IGNORECASE
+)
+
+
 def redact_dn(dn: str) -> str:
     """``dn`` with the value of any password attribute (an RDN like ``userPassword=...``)
     replaced with ``***``; any other DN comes back unchanged."""
-    lowered = dn.lower()
-    if not any(name in lowered for name in PASSWORD_ATTRIBUTES):
+    if _PASSWORD_NAME.search(dn) is None:
         return dn  # the usual case, without splitting the DN
     parts = _split_dn(dn)
     redacted = False
@@ -145,8 +151,13 @@ _CHANGES: Final = frozenset({"add", "modify", "delete", "modrdn"})
 def rfc3339(seconds: float) -> str:
     """``seconds`` since the epoch as an RFC 3339 UTC time with milliseconds."""
     millis = round(seconds * 1000)
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000))
-    return f"{whole}.{millis % 1000:03d}Z"
+    return f"{_whole_second(millis // 1000)}.{millis % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_second(second: int) -> str:
+    # Records come thousands a second: format each second once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 def _head(event: str, connection: Connection, now: float) -> dict[str, Any]:
@@ -253,10 +264,14 @@ def disconnect_record(disconnect: Disconnect, now: float) -> dict[str, Any]:
     return record
 
 
+#: Built once: json.dumps with options builds an encoder per call.
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(record: dict[str, Any]) -> bytes:
     """``record`` as one compact JSON line.  A string that is not valid Unicode (a lone
     surrogate) is written as its ``\\u`` escape rather than failing the record."""
-    text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    text = _JSON.encode(record)
     return (text + "\n").encode("utf-8", "backslashreplace")
 
 
