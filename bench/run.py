@@ -64,6 +64,11 @@ NCPU = os.cpu_count() or 1
 #: Targets per scenario, in the order they are tabled.  "short" gets all four.
 SHORT_TARGETS = ("ldap", "ldaps", "proxy", "proxy-starttls")
 PERSISTENT_TARGETS = ("ldap", "proxy")
+#: "search" also runs against a second proxy with two workers, to show how throughput
+#: grows from one worker to two in the same run.
+SEARCH_TARGETS = ("ldap", "proxy", "proxy-2w")
+#: The workers of the "proxy-2w" target.
+SCALED_WORKERS = 2
 
 #: Every scenario, in the default order.  ``idle`` runs before the big-result scenarios so
 #: that the buffers they free in the proxy do not hide the memory idle sessions take.
@@ -92,6 +97,7 @@ TARGET_HELP = {
     "ldaps": "direct ldaps:// to slapd (a TLS handshake per connection)",
     "proxy": "plain clients -> ldapproxy (tls none) -> pooled ldaps:// upstream",
     "proxy-starttls": "StartTLS clients (-Z) -> ldapproxy (starttls-optional) -> pooled ldaps://",
+    "proxy-2w": f"as proxy, a second instance with [process] workers = {SCALED_WORKERS}",
 }
 
 
@@ -273,8 +279,8 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
-def tree_ticks(pid: int) -> tuple[int, int]:
-    """(utime, stime) of a process and all its live descendants (the proxy's workers)."""
+def family(pid: int) -> set[int]:
+    """A process and all its live descendants (the proxy's workers)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -283,15 +289,20 @@ def tree_ticks(pid: int) -> tuple[int, int]:
                     parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-    family, frontier = {pid}, [pid]
+    members, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()
         for child, ppid in parents.items():
-            if ppid == parent and child not in family:
-                family.add(child)
+            if ppid == parent and child not in members:
+                members.add(child)
                 frontier.append(child)
+    return members
+
+
+def tree_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process and all its live descendants (the proxy's workers)."""
     user = system = 0
-    for member in family:
+    for member in family(pid):
         try:
             u, s = cpu_ticks(member)
         except OSError:
@@ -656,6 +667,7 @@ def start_proxy(
     ca.issue("ldapproxy bench", dns_names=["localhost"], ip_addresses=[LOOPBACK]).write(
         workdir / "tls", "proxy"
     )
+    ca.write_certificate(workdir / "tls" / "ca.pem")  # the upstream's CA, in its [upstream]
     plain_port, stls_port = free_ports(2)
     config = workdir / "ldapproxy.toml"
     config.write_text(proxy_toml(workdir, plain_port, stls_port, upstream_port, settings))
@@ -685,6 +697,8 @@ class Target:
     url: str
     starttls: bool = False
     via_proxy: bool = False
+    #: The proxy instance behind the target: "proxy", or "proxy-2w" (the two workers).
+    instance: str = "proxy"
 
 
 @dataclass
@@ -776,12 +790,15 @@ class Bench:
         workdir: Path,
         proxy_ports: list[int],
         children: list[Child],
+        scaled: Child | None = None,
     ) -> None:
         self.loadgen = loadgen
         self.settings = settings
         self.ca_file = ca_file
         self.slapd = slapd
         self.proxy = proxy
+        #: The second proxy instance, with SCALED_WORKERS workers (when "search" runs).
+        self.scaled = scaled
         self.workdir = workdir
         self.proxy_ports = proxy_ports
         #: Every process started, to stop at the end (fresh proxies are added).
@@ -826,6 +843,7 @@ class Bench:
             "t": time.monotonic(),
             "slapd": cpu_ticks(self.slapd.pid),
             "proxy": tree_ticks(self.proxy.pid),
+            "proxy-2w": tree_ticks(self.scaled.pid) if self.scaled else (0, 0),
             "busy": busy,
             "total": total,
             "irq": irq,
@@ -855,11 +873,7 @@ class Bench:
         warmup: float,
         conns: int | None = None,
     ) -> Cell:
-        for child in (self.slapd, self.proxy):
-            if not child.alive():
-                raise RuntimeError(
-                    f"{child.name} exited (status {child.popen.returncode}); see {child.log}"
-                )
+        self._check_alive()
         cell = Cell(scenario, target.name, round_)
         err_log = self.workdir / f"loadgen-{scenario}-{target.name}-{round_}.err"
         child = Child(
@@ -901,14 +915,16 @@ class Bench:
         cell.window_s = end["t"] - start["t"]
         cell.loadgen_cpu_s = float(result["cpu_s"])
         cell.slapd_cpu_s = (sum(end["slapd"]) - sum(start["slapd"])) / HZ
-        cell.proxy_cpu_s = (sum(end["proxy"]) - sum(start["proxy"])) / HZ
-        cell.proxy_sys_s = (end["proxy"][1] - start["proxy"][1]) / HZ
+        instance = target.instance
+        cell.proxy_cpu_s = (sum(end[instance]) - sum(start[instance])) / HZ
+        cell.proxy_sys_s = (end[instance][1] - start[instance][1]) / HZ
         jiffies = max(1, end["total"] - start["total"])
         cell.machine_busy_cores = NCPU * (end["busy"] - start["busy"]) / jiffies
         cell.irq_cores = NCPU * (end["irq"] - start["irq"]) / jiffies
-        cell.other_processes = self.others(
-            start, end, {self.slapd.pid, self.proxy.pid, child.pid, os.getpid()}
-        )
+        mine = {self.slapd.pid, child.pid, os.getpid()} | family(self.proxy.pid)
+        if self.scaled is not None:
+            mine |= family(self.scaled.pid)
+        cell.other_processes = self.others(start, end, mine)
         cell.rx_bytes = int(result.get("rx_bytes", 0))
         cell.mb_per_s = cell.rx_bytes / seconds / 1e6
         cell.loadgen_threads = int(result.get("conns", 1))
@@ -920,7 +936,7 @@ class Bench:
     # -- the memory scenarios, run by this script ----------------------------------------
 
     def _check_alive(self) -> None:
-        for child in (self.slapd, self.proxy):
+        for child in (self.slapd, self.proxy, *([self.scaled] if self.scaled else [])):
             if not child.alive():
                 raise RuntimeError(
                     f"{child.name} exited (status {child.popen.returncode}); see {child.log}"
@@ -1540,7 +1556,9 @@ def notes(
                 "delayed ACK that a small write waits for under Nagle's algorithm (a socket "
                 "without TCP_NODELAY)"
             )
-        if r.cores["proxy"] >= 0.8:
+        if r.target == "proxy-2w":
+            pass  # two processes: reported with the worker scaling below
+        elif r.cores["proxy"] >= 0.8:
             lines.append(
                 f"note: {r.scenario}/{r.target}: the proxy used {r.cores['proxy']:.2f} cores; it "
                 "is one Python thread, so it was (nearly) the bottleneck"
@@ -1552,6 +1570,16 @@ def notes(
                 f"cores busy (CPU-bound; the largest share: {heaviest} "
                 f"{r.cores[heaviest]:.2f})"
             )
+    one = next((r for r in rows if r.scenario == "search" and r.target == "proxy"), None)
+    two = next((r for r in rows if r.scenario == "search" and r.target == "proxy-2w"), None)
+    if one is not None and two is not None and one.ops_per_s:
+        lines.append(
+            f"workers: search through {SCALED_WORKERS} workers {two.ops_per_s:,.0f} ops/s = "
+            f"{two.ops_per_s / one.ops_per_s:.2f}x one worker's {one.ops_per_s:,.0f} (the "
+            f"workers used {two.cores['proxy']:.2f} cores, the machine "
+            f"{two.cores['machine']:.2f}/{NCPU}): more workers help while the proxy host "
+            "has idle cores"
+        )
     for m in memory:
         if (
             m.scenario == "slowclient"
@@ -1664,6 +1692,15 @@ def main(argv: list[str] | None = None) -> int:
         proxy, plain_port, stls_port = start_proxy(workdir, ca, tls_port, settings)
         children.append(proxy)
         wait_for_ports(proxy, [plain_port, stls_port])
+        scaled = None
+        if "search" in settings.scenarios:
+            scaled_dir = workdir / "proxy-2w"
+            scaled_dir.mkdir()
+            scaled, scaled_port, scaled_stls = start_proxy(
+                scaled_dir, ca, tls_port, dataclasses.replace(settings, workers=SCALED_WORKERS)
+            )
+            children.append(scaled)
+            wait_for_ports(scaled, [scaled_port, scaled_stls])
         targets = {
             "ldap": Target("ldap", f"ldap://{LOOPBACK}:{port}"),
             "ldaps": Target("ldaps", f"ldaps://{LOOPBACK}:{tls_port}"),
@@ -1672,6 +1709,10 @@ def main(argv: list[str] | None = None) -> int:
                 "proxy-starttls", f"ldap://{LOOPBACK}:{stls_port}", starttls=True, via_proxy=True
             ),
         }
+        if scaled is not None:
+            targets["proxy-2w"] = Target(
+                "proxy-2w", f"ldap://{LOOPBACK}:{scaled_port}", via_proxy=True, instance="proxy-2w"
+            )
         bench = Bench(
             args.loadgen,
             settings,
@@ -1681,6 +1722,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir,
             [plain_port, stls_port],
             children,
+            scaled,
         )
 
         # Smoke test: every target answers a whole short session with no error.
@@ -1692,8 +1734,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{cell.ops} ops, {cell.errors} errors: {cell.first_error}"
                 )
 
+        per_scenario = {"short": SHORT_TARGETS, "search": SEARCH_TARGETS}
         plan = [
-            (scenario, SHORT_TARGETS if scenario == "short" else PERSISTENT_TARGETS)
+            (scenario, per_scenario.get(scenario, PERSISTENT_TARGETS))
             for scenario in settings.scenarios
         ]
         total = sum(len(t) for _, t in plan) * settings.rounds
@@ -1726,7 +1769,7 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             print(render(rows))
             print()
-            for name in SHORT_TARGETS:
+            for name in (*SHORT_TARGETS, *([] if scaled is None else ["proxy-2w"])):
                 print(f"  {name:15s} {TARGET_HELP[name]}")
             print(
                 "  ratios: median over rounds of target/reference measured in the same round; "
