@@ -642,6 +642,11 @@ max_size = {settings.pool_max_size}
 
 [process]
 workers = {settings.workers}
+
+[limits]
+# idle holds BENCH_IDLE_CONNS connections that send nothing until RSS is read.
+max_connections = {settings.idle_conns + 1000}
+first_request_timeout = 600
 """ + (_PLUGINS.format(audit=workdir / "audit.jsonl") if settings.plugins else "")
 
 

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
+from ldapproxy.limits import ConnectionLimiter
 from ldapproxy.metrics import Metrics
 from ldapproxy.plugin_chain import NO_PLUGINS, PluginChain
 from ldapproxy.proxy_protocol import ProxyHeaderParser, ProxyProtocolError
@@ -84,6 +85,7 @@ class ClientProtocol(Protocol):
         sessions: set[Session],
         traffic: Tally[str],
         proxy_header: _ProxyHeaderReader | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self._make_session = make_session
         self._peer = peer
@@ -95,6 +97,10 @@ class ClientProtocol(Protocol):
         #: Bytes that came with the PROXY header, not yet delivered (see _deliver_unread).
         self._unread = b""
         self._reading_paused = False
+        #: Counts this connection (admitted by the factory); None in unit tests.
+        self._limiter = limiter
+        #: The client address counted against limits.max_connections_per_ip, once known.
+        self._counted_address: str | None = None
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
@@ -107,7 +113,15 @@ class ClientProtocol(Protocol):
         self._begin(self._peer)
 
     def _begin(self, peer: tuple[str, int]) -> None:
-        """The client (at ``peer``) is known: its session starts."""
+        """The client (at ``peer``) is known: its session starts, within the per-address
+        connection limit."""
+        limiter = self._limiter
+        if limiter is not None:
+            listener = self._listener_name()
+            if not limiter.admit_address(peer[0], listener, format_peer(peer)):
+                self.transport.abortConnection()  # type: ignore[union-attr]
+                return
+            self._counted_address = peer[0]
         self.session = self._make_session(self, peer)
         self._sessions.add(self.session)
         log.debug(
@@ -153,7 +167,16 @@ class ClientProtocol(Protocol):
         handle = self.transport.getHandle()  # type: ignore[union-attr]
         self.session.tls_established(handle.get_protocol_version_name(), handle.get_cipher_name())
 
+    def _listener_name(self) -> str:
+        factory = getattr(self, "factory", None)
+        return factory.listener.name if isinstance(factory, ClientFactory) else "?"
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._limiter is not None:
+            self._limiter.release()
+            if self._counted_address is not None:
+                self._limiter.release_address(self._counted_address)
+            self._limiter = None
         if self._proxy_header is not None:
             self._proxy_header.stop()
         session = getattr(self, "session", None)
@@ -199,6 +222,10 @@ class ClientProtocol(Protocol):
             # going back to the pool, where the next session must be able to read it.
             reads.resumeProducing()
 
+    def upstream_paused(self) -> bool:
+        reads = self._upstream_reads
+        return reads is not None and reads.paused
+
     def close(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -219,6 +246,7 @@ class ClientFactory(Factory):
         plugins: PluginChain = NO_PLUGINS,
         metrics: Metrics | None = None,
         sessions: set[Session] | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self.listener = listener
         self.limits = limits
@@ -229,10 +257,14 @@ class ClientFactory(Factory):
         self.metrics = metrics or Metrics()
         #: The open sessions (shared by every listener's factory, for the metrics).
         self.sessions: set[Session] = set() if sessions is None else sessions
+        #: Shared by every listener's factory: the connection limits.
+        self.limiter = limiter or ConnectionLimiter(limits, clock, self.metrics)
         self.noisy = False
 
-    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ClientProtocol | None:
         peer = (str(getattr(addr, "host", addr)), int(getattr(addr, "port", 0)))
+        if not self.limiter.admit(self.listener.name, format_peer(peer)):
+            return None  # Twisted closes the socket before reading or writing a byte
         self.metrics.count_client(self.listener.name)
 
         def make_session(client: ClientProtocol, peer: tuple[str, int]) -> Session:
@@ -253,9 +285,11 @@ class ClientFactory(Factory):
             if self.listener.proxy_protocol
             else None
         )
-        return ClientProtocol(
-            make_session, peer, self.tls, self.sessions, self.metrics.bytes, reader
+        protocol = ClientProtocol(
+            make_session, peer, self.tls, self.sessions, self.metrics.bytes, reader, self.limiter
         )
+        protocol.factory = self
+        return protocol
 
 
 class _ProxyHeaderReader:

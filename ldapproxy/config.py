@@ -106,6 +106,11 @@ class LimitsConfig:
     tls_handshake_timeout: float
     plugin_timeout: float
     drain_timeout: float = 30.0
+    max_connections: int = 10000
+    max_connections_per_ip: int = 0
+    max_pending_ops: int = 100
+    first_request_timeout: float = 10.0
+    operation_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,25 @@ def _count(minimum: int) -> Callable[[Any], int]:
         return value
 
     return parse
+
+
+def _connections(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad("expected an integer number of connections")
+        if not minimum <= value <= 1_000_000:
+            raise _Bad(f"expected an integer from {minimum} to 1000000")
+        return value
+
+    return parse
+
+
+def _seconds_or_off(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad("expected a number of seconds (0 turns it off)")
+    if not math.isfinite(value) or value < 0:
+        raise _Bad("expected a number of seconds, 0 or greater (0 turns it off)")
+    return float(value)
 
 
 def _workers(value: Any) -> int:
@@ -542,6 +566,42 @@ OPTIONS: tuple[Option, ...] = (
         30,
         "Seconds SIGTERM lets operations in flight finish before clients are disconnected.",
         _positive_number,
+    ),
+    Option(
+        "limits",
+        "max_connections",
+        10000,
+        "Client connections open at once (per worker); more are closed at once.",
+        _connections(1),
+    ),
+    Option(
+        "limits",
+        "max_connections_per_ip",
+        0,
+        "Client connections open at once from one address (per worker); 0: no limit.",
+        _connections(0),
+    ),
+    Option(
+        "limits",
+        "max_pending_ops",
+        100,
+        "Operations one client may have outstanding; more are answered with busy (51).",
+        _count(1),
+    ),
+    Option(
+        "limits",
+        "first_request_timeout",
+        10,
+        "Seconds a new connection has to send its first whole request (TLS included).",
+        _positive_number,
+    ),
+    Option(
+        "limits",
+        "operation_timeout",
+        120,
+        "Seconds the directory may stay silent on an operation before the client gets "
+        "unavailable (52) and is disconnected; 0: no limit.",
+        _seconds_or_off,
     ),
     Option(
         "metrics",

@@ -49,6 +49,15 @@ OPERATION_BUCKETS = (
     10.0,
     30.0,
 )
+#: The ``limit`` label of ``ldapproxy_limits_exceeded_total``: the ``[limits]`` keys whose
+#: excess the proxy counts.
+LIMITS = (
+    "max_connections",
+    "max_connections_per_ip",
+    "max_pending_ops",
+    "first_request_timeout",
+    "operation_timeout",
+)
 POOL_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -110,6 +119,8 @@ class Metrics:
         # Both outcomes exist from the start, so that increase() sees the first failure.
         self.reloads: Tally[str] = Tally({"success": 0, "failure": 0})
         self.denials: Tally[tuple[str, str]] = Tally()
+        # Every limit exists from the start, so that increase() sees the first hit.
+        self.limits_exceeded: Tally[str] = Tally(dict.fromkeys(LIMITS, 0))
 
     def register(self, registry: CollectorRegistry) -> None:
         """Export through ``registry``."""
@@ -147,6 +158,10 @@ class Metrics:
     def count_denial(self, plugin: str, reason: str) -> None:
         """A plugin denied a connection or a request, with its verdict's reason word."""
         self.denials[plugin, reason] += 1
+
+    def count_limit(self, limit: str) -> None:
+        """A client hit ``limits.<limit>`` (one of :data:`LIMITS`)."""
+        self.limits_exceeded[limit] += 1
 
     def count_reload(self, outcome: str) -> None:
         """A configuration reload ended with ``outcome`` (success or failure)."""
@@ -272,6 +287,14 @@ class _Collector:
             "Connections and requests denied by plugins, by plugin and verdict reason.",
             ["plugin", "reason"],
             dict(mx.denials),
+        )
+        yield _counter(
+            "ldapproxy_limits_exceeded",
+            "Clients that hit a [limits] key: connections refused (max_connections, "
+            "max_connections_per_ip), requests answered busy (max_pending_ops), sessions "
+            "closed (first_request_timeout, operation_timeout).",
+            ["limit"],
+            {(k,): v for k, v in mx.limits_exceeded.items()},
         )
         yield _counter(
             "ldapproxy_config_reloads",

@@ -27,6 +27,7 @@ from ldapproxy import config as configuration
 from ldapproxy.client import ClientFactory
 from ldapproxy.config import Config, ListenerTLS
 from ldapproxy.hooks import PluginContext
+from ldapproxy.limits import ConnectionLimiter
 from ldapproxy.metrics import Metrics, Sources
 from ldapproxy.plugin_chain import PluginChain, load_plugins
 from ldapproxy.pool import Pool, UpstreamStatus
@@ -111,6 +112,8 @@ class ProxyService(MultiService):
             ],
             certificates=self._certificates,
         )
+        #: The connection limits, shared by every listener.
+        self.limiter = ConnectionLimiter(config.limits, reactor, self.metrics)
         self.factories: dict[str, ClientFactory] = {}
         self.ports: dict[str, IListeningPort] = {}
         self.metrics_port: IListeningPort | None = None
@@ -151,6 +154,7 @@ class ProxyService(MultiService):
                 self.plugins,
                 self.metrics,
                 self.sessions,
+                self.limiter,
             )
             port = yield self._bind(f"listener {listener.name!r}", listener.endpoint, factory)
             self.factories[listener.name] = factory
@@ -294,6 +298,7 @@ class ProxyService(MultiService):
             factory.tls = self.server_tls
             factory.plugins = plugins
             factory.limits = new.limits
+        self.limiter.configure(new.limits)
         # Keys that need a restart keep their running values.
         self.config = configuration.reloaded(self.config, new)
         # Files the old plugins still write for the sessions they serve (the audit log

@@ -88,6 +88,9 @@ class ClientPort(Protocol):
     def unlink(self, upstream: UpstreamProtocol) -> None:
         """Undo :meth:`link` before the upstream connection is released."""
 
+    def upstream_paused(self) -> bool:
+        """Whether the client's full send buffer has paused reading from the upstream."""
+
     def close(self) -> None:
         """Flush what was written, then close."""
 
@@ -162,6 +165,16 @@ _STATELESS_CONTROLS = frozenset(
 )
 
 
+#: Request controls of operations that wait for changes by design, exempt from
+#: limits.operation_timeout: persistent search, and the sync operation (syncrepl).
+_UNTIMED_CONTROLS = frozenset(
+    {
+        b"2.16.840.1.113730.3.4.3",  # persistent search (draft-ietf-ldapext-psearch)
+        b"1.3.6.1.4.1.4203.1.9.1.1",  # sync request (RFC 4533)
+    }
+)
+
+
 class Session:
     """One client connection, from accept to close, and the upstream it uses."""
 
@@ -226,6 +239,16 @@ class Session:
         self._requests = 0
         self._idle_timer: IDelayedCall | None = None
         self._handshake_timer: IDelayedCall | None = None
+        #: Until the first whole request arrives (limits.first_request_timeout).
+        self._first_timer: IDelayedCall | None = None
+        #: While operations are outstanding (limits.operation_timeout).
+        self._operation_timer: IDelayedCall | None = None
+        #: When the upstream last sent anything to this session.
+        self._upstream_seen = self._started
+        #: Message IDs exempt from limits.operation_timeout (persistent search, sync).
+        self._untimed: set[int] = set()
+        #: Whether a request was answered busy for limits.max_pending_ops (logged once).
+        self._pending_limit_logged = False
 
     @property
     def prefix(self) -> str:
@@ -245,6 +268,9 @@ class Session:
 
     def start(self) -> None:
         """The client connection is established; nothing has been read yet."""
+        self._first_timer = self._clock.callLater(
+            self._limits.first_request_timeout, self._first_request_expired
+        )
         if self._plugins.decides_connections:
             decision = _now_or_later(self._plugins.connection_accepted(self._events.connection()))
             if isinstance(decision, defer.Deferred):
@@ -295,6 +321,9 @@ class Session:
             self._violation("malformed LDAP message", f"framing error: {error}")
             return
         self._requests += len(frames)
+        if self._first_timer is not None and frames:
+            self._first_timer.cancel()
+            self._first_timer = None
         if self._waiting is not None:
             self._waiting.extend(frames)  # behind a request whose verdict is pending
             return
@@ -388,6 +417,9 @@ class Session:
                 self._metrics.count_operation(op, m.UNAVAILABLE, 0.0)
                 self._events.done(message_id, m.UNAVAILABLE, local=True)
             return True
+        if len(self._outstanding) - len(self._abandoned) >= self._limits.max_pending_ops:
+            self._too_many(message_id, op)
+            return True
         if message_id in self._outstanding:
             # Reusing an abandoned operation's message ID (a live one was refused above).
             self._abandoned.discard(message_id)
@@ -405,8 +437,38 @@ class Session:
         elif op not in m.REQUEST_NAMES:
             self._stateful = True
         self._note_controls(message_id, pdu)
+        if self._operation_timer is None and self._limits.operation_timeout:
+            self._operation_timer = self._clock.callLater(
+                self._limits.operation_timeout, self._check_operations
+            )
         forward.append(frame)
         return True
+
+    def _too_many(self, message_id: int, op: int) -> None:
+        """Answer a request past limits.max_pending_ops with busy; the session goes on."""
+        limit = self._limits.max_pending_ops
+        if not self._pending_limit_logged:
+            self._pending_limit_logged = True
+            log.info(
+                "{prefix} {op} (message ID {id}) answered busy: {count} operations "
+                "outstanding (limits.max_pending_ops = {limit}); further ones are not logged",
+                prefix=self.prefix,
+                op=m.REQUEST_NAMES.get(op, f"op 0x{op:02x}"),
+                id=message_id,
+                count=self.outstanding,
+                limit=limit,
+            )
+        self._metrics.count_limit("max_pending_ops")
+        reply = m.error_for_request(
+            message_id,
+            op,
+            m.BUSY,
+            f"too many operations outstanding (limits.max_pending_ops = {limit})",
+        )
+        if reply is not None:
+            self._client.write(reply)
+            self._metrics.count_operation(op, m.BUSY, 0.0)
+        self._events.done(message_id, m.BUSY, local=True)
 
     # -- plugins -----------------------------------------------------------------------
 
@@ -510,7 +572,7 @@ class Session:
         """Responses arrived from the upstream; pass on those that belong to this client."""
         if self.state is SessionState.CLOSED:
             return
-        self._last_activity = self._clock.seconds()
+        self._last_activity = self._upstream_seen = self._clock.seconds()
         replaced: bool | None = None
         out = []
         outstanding = self._outstanding
@@ -735,6 +797,8 @@ class Session:
                     self._stateful = True
             elif oid not in _STATELESS_CONTROLS:
                 self._stateful = True
+                if oid in _UNTIMED_CONTROLS:
+                    self._untimed.add(message_id)
 
     def _paged_done(self, request_cookie: bytes, frame: Frame) -> None:
         """Track the paged searches left open on the server (RFC 2696 cookies): a page's
@@ -863,6 +927,100 @@ class Session:
             self._starttls_pending = False
             self._metrics.count_starttls(self.listener.name, "failure")
 
+    def _first_request_expired(self) -> None:
+        self._first_timer = None
+        if self._ending:
+            return
+        timeout = self._limits.first_request_timeout
+        self._metrics.count_limit("first_request_timeout")
+        if self.state is SessionState.HANDSHAKE:
+            log.warn(
+                "{prefix} closing: TLS handshake not finished within "
+                "limits.first_request_timeout = {timeout:g} s",
+                prefix=self.prefix,
+                timeout=timeout,
+            )
+            self._handshake_failed("timeout")
+            self._close("first request timeout", notice=None, abort=True)
+            return
+        log.info(
+            "{prefix} closing: no whole request within limits.first_request_timeout = "
+            "{timeout:g} s ({count} byte(s) received)",
+            prefix=self.prefix,
+            timeout=timeout,
+            count=self._framer.buffered,
+        )
+        self._close("first request timeout", notice=(m.UNAVAILABLE, "first request timeout"))
+
+    def _check_operations(self) -> None:
+        """limits.operation_timeout: has the upstream been silent too long on an operation
+        it was sent?"""
+        self._operation_timer = None
+        if self._ending:
+            return
+        timeout = self._limits.operation_timeout
+        unsent = {frame.message_id for frame in self._pending}
+        self._untimed &= self._outstanding.keys()
+        exempt = self._abandoned | self._untimed | unsent
+        sent = [
+            (started, message_id, op)
+            for message_id, (op, started) in self._outstanding.items()
+            if message_id not in exempt
+        ]
+        if not sent:
+            return  # armed again by the next request
+        if self._upstream is None or self._client.upstream_paused():
+            # Waiting for a connection (the pool's acquire_timeout applies), or the client
+            # does not read, so the proxy does not read the upstream: not its silence.
+            self._operation_timer = self._clock.callLater(timeout, self._check_operations)
+            return
+        started, message_id, op = min(sent)
+        silent_since = max(started, self._upstream_seen)
+        left = silent_since + timeout - self._clock.seconds()
+        if left > 0:
+            self._operation_timer = self._clock.callLater(left, self._check_operations)
+            return
+        self._operation_timed_out(message_id, op)
+
+    def _operation_timed_out(self, message_id: int, op: int) -> None:
+        """The upstream connection is hung: answer every outstanding operation with
+        unavailable, drop the connection (never reused) and disconnect the client, whose
+        identity lived on it."""
+        timeout = self._limits.operation_timeout
+        diagnostic = f"the directory did not answer within limits.operation_timeout = {timeout:g} s"
+        answered = [
+            (mid, request_op, started)
+            for mid, (request_op, started) in self._outstanding.items()
+            if mid not in self._abandoned
+        ]
+        log.warn(
+            "{prefix} closing: the directory did not answer {op} (message ID {id}) within "
+            "limits.operation_timeout = {timeout:g} s; {count} operation(s) answered "
+            "unavailable",
+            prefix=self.prefix,
+            op=m.REQUEST_NAMES.get(op, f"op 0x{op:02x}"),
+            id=message_id,
+            timeout=timeout,
+            count=len(answered),
+        )
+        self._metrics.count_limit("operation_timeout")
+        now = self._clock.seconds()
+        replies = []
+        for mid, request_op, started in answered:
+            reply = m.error_for_request(mid, request_op, m.UNAVAILABLE, diagnostic)
+            if reply is not None:
+                replies.append(reply)
+                self._metrics.count_operation(request_op, m.UNAVAILABLE, now - started)
+            if self._events.in_flight:
+                self._events.done(mid, m.UNAVAILABLE, local=True)
+        if replies:
+            self._client.write(b"".join(replies))
+        self._outstanding.clear()
+        self._abandoned.clear()
+        self._pending.clear()
+        self._stateful = True  # hung: never handed to another session
+        self._close("operation timeout", notice=(m.UNAVAILABLE, diagnostic))
+
     def _check_idle(self) -> None:
         self._idle_timer = None
         if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
@@ -900,10 +1058,16 @@ class Session:
             self._client.close()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._idle_timer, self._handshake_timer):
+        for timer in (
+            self._idle_timer,
+            self._handshake_timer,
+            self._first_timer,
+            self._operation_timer,
+        ):
             if timer is not None and timer.active():
                 timer.cancel()
         self._idle_timer = self._handshake_timer = None
+        self._first_timer = self._operation_timer = None
 
 
 def format_peer(peer: tuple[str, int]) -> str:

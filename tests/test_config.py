@@ -62,6 +62,11 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "limits.tls_handshake_timeout": loaded.limits.tls_handshake_timeout,
         "limits.plugin_timeout": loaded.limits.plugin_timeout,
         "limits.drain_timeout": loaded.limits.drain_timeout,
+        "limits.max_connections": loaded.limits.max_connections,
+        "limits.max_connections_per_ip": loaded.limits.max_connections_per_ip,
+        "limits.max_pending_ops": loaded.limits.max_pending_ops,
+        "limits.first_request_timeout": loaded.limits.first_request_timeout,
+        "limits.operation_timeout": loaded.limits.operation_timeout,
         "listener.proxy_protocol": loaded.listeners[0].proxy_protocol,
         "listener.trusted_proxies": loaded.listeners[0].trusted_proxies,
         "pool.warm_timeout": loaded.pool.warm_timeout,
@@ -92,6 +97,11 @@ def test_every_default_is_applied(tmp_path: Path) -> None:
         "limits.tls_handshake_timeout": 10.0,
         "limits.plugin_timeout": 10.0,
         "limits.drain_timeout": 30.0,
+        "limits.max_connections": 10000,
+        "limits.max_connections_per_ip": 0,
+        "limits.max_pending_ops": 100,
+        "limits.first_request_timeout": 10.0,
+        "limits.operation_timeout": 120.0,
         "listener.proxy_protocol": False,
         "listener.trusted_proxies": (),
         "pool.warm_timeout": 10.0,
@@ -160,6 +170,11 @@ health_check_interval = 5
 max_pdu_bytes = 2048
 idle_timeout = 60
 tls_handshake_timeout = 0.5
+max_connections = 500
+max_connections_per_ip = 20
+max_pending_ops = 8
+first_request_timeout = 3
+operation_timeout = 0
 """
     loaded = config.load(write(tmp_path, text))
     assert [(lc.name, lc.endpoint, lc.tls) for lc in loaded.listeners] == [
@@ -183,7 +198,17 @@ tls_handshake_timeout = 0.5
         "ldap://[::1]:1389",
         "ldaps://dc2.example.com:636",
     ]
-    assert loaded.limits == config.LimitsConfig(2048, 60.0, 0.5, 10.0)
+    assert loaded.limits == config.LimitsConfig(
+        2048,
+        60.0,
+        0.5,
+        10.0,
+        max_connections=500,
+        max_connections_per_ip=20,
+        max_pending_ops=8,
+        first_request_timeout=3.0,
+        operation_timeout=0.0,
+    )
 
 
 def test_systemd_endpoint_is_accepted_unparsed(tmp_path: Path) -> None:
@@ -266,6 +291,37 @@ ERRORS = [
         LISTENER + UPSTREAM + "tls_server_name = 5\n",
         ["[upstream] tls_server_name = 5", "expected a string"],
         id="number-for-string",
+    ),
+    # limits
+    pytest.param(
+        LISTENER + UPSTREAM + "[limits]\nmax_connections = 0\n",
+        ["[limits] max_connections = 0", "expected an integer from 1 to 1000000"],
+        id="no-connections",
+    ),
+    pytest.param(
+        LISTENER + UPSTREAM + "[limits]\nmax_connections_per_ip = -1\n",
+        ["[limits] max_connections_per_ip = -1", "expected an integer from 0 to 1000000"],
+        id="negative-per-ip",
+    ),
+    pytest.param(
+        LISTENER + UPSTREAM + "[limits]\nmax_pending_ops = 0\n",
+        ["[limits] max_pending_ops = 0", "expected an integer from 1 to 100000"],
+        id="no-pending-ops",
+    ),
+    pytest.param(
+        LISTENER + UPSTREAM + "[limits]\nfirst_request_timeout = 0\n",
+        ["[limits] first_request_timeout = 0", "greater than 0"],
+        id="zero-first-request-timeout",
+    ),
+    pytest.param(
+        LISTENER + UPSTREAM + "[limits]\noperation_timeout = -5\n",
+        ["[limits] operation_timeout = -5", "0 or greater (0 turns it off)"],
+        id="negative-operation-timeout",
+    ),
+    pytest.param(
+        LISTENER + UPSTREAM + '[limits]\noperation_timeout = "2m"\n',
+        ["[limits] operation_timeout = '2m'", "expected a number of seconds"],
+        id="string-operation-timeout",
     ),
     # enumerations
     pytest.param(

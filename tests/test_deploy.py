@@ -52,6 +52,7 @@ COUNTERS = (
     "ldapproxy_tls_handshake_failures_total",
     "ldapproxy_upstream_connect_errors_total",
     "ldapproxy_plugin_denials_total",
+    "ldapproxy_limits_exceeded_total",
     "ldapproxy_bytes_total",
     "ldapproxy_audit_records_dropped_total",
     "ldapproxy_audit_write_errors_total",

@@ -55,6 +55,7 @@ CORE_COUNTERS = {
     "ldapproxy_bytes_total",
     "ldapproxy_plugin_denials_total",
     "ldapproxy_config_reloads_total",
+    "ldapproxy_limits_exceeded_total",
 }
 AUDIT_COUNTERS = {
     "ldapproxy_audit_records_dropped_total",

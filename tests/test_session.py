@@ -692,6 +692,10 @@ def test_upstream_lost_after_the_client_closed_writes_nothing() -> None:
 def test_idle_session_is_disconnected_after_the_idle_timeout() -> None:
     """With no traffic for limits.idle_timeout the client gets a notice and is closed."""
     h = make_session(idle_timeout=IDLE)
+    upstream = h.connect_upstream()
+    h.send(search_request(2))
+    upstream.deliver(result(2, m.SEARCH_RESULT_DONE))
+    h.client.events.clear()
     h.clock.advance(IDLE - 0.001)
     assert h.client.calls() == []
     h.clock.advance(0.001)
@@ -716,8 +720,8 @@ def test_client_traffic_resets_the_idle_timer() -> None:
 
 
 def test_outstanding_operation_prevents_the_idle_timeout() -> None:
-    """A long-running operation (a persistent search, say) keeps the session open."""
-    h = make_session(idle_timeout=IDLE)
+    """A long-running operation keeps the session open (operation_timeout off here)."""
+    h = make_session(idle_timeout=IDLE, operation_timeout=0)
     upstream = h.connect_upstream()
     h.send(search_request(2))
     h.clock.pump([IDLE] * 10)
@@ -772,11 +776,14 @@ def test_ldaps_handshake_that_does_not_finish_is_aborted() -> None:
 
 def test_ldaps_handshake_that_finishes_in_time_is_kept() -> None:
     """A completed handshake cancels the handshake timer and the session becomes SECURE."""
-    h = make_session(ListenerTLS.LDAPS, tls_handshake_timeout=HANDSHAKE)
+    h = make_session(
+        ListenerTLS.LDAPS, tls_handshake_timeout=HANDSHAKE, first_request_timeout=HANDSHAKE * 4
+    )
     h.clock.advance(HANDSHAKE - 1)
     h.session.tls_established("TLSv1.3")
-    # Only the idle timer is left.
-    assert [c.getTime() for c in h.clock.getDelayedCalls()] == [IDLE]
+    # The handshake timer is gone; the first-request and idle timers are left.
+    times = sorted(c.getTime() for c in h.clock.getDelayedCalls())
+    assert times == [HANDSHAKE * 4, IDLE]
     h.clock.advance(HANDSHAKE * 2)
     assert h.client.calls() == ["start_tls"]
     assert h.session.state is SessionState.SECURE

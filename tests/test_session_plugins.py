@@ -299,7 +299,9 @@ def test_request_verdict_times_out_and_denies() -> None:
 def test_already_fired_deferreds_do_not_nest_per_request() -> None:
     """Hooks answering with already-fired Deferreds handle thousands of pipelined requests
     without growing the stack."""
-    h = make_session(plugins=[Recorder(request=lambda _: defer.succeed(ALLOW))])
+    h = make_session(
+        plugins=[Recorder(request=lambda _: defer.succeed(ALLOW))], max_pending_ops=5000
+    )
     h.send(*(request(n, m.SEARCH_REQUEST) for n in range(1, 3001)))
     upstream = h.source.succeed()
     assert len(upstream.frames()) == 3000

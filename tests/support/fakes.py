@@ -33,6 +33,7 @@ from ldapproxy.ber import (
 )
 from ldapproxy.config import LimitsConfig, ListenerConfig, ListenerTLS
 from ldapproxy.hooks import Plugin
+from ldapproxy.metrics import Metrics
 from ldapproxy.plugin_chain import NO_PLUGINS, PluginChain
 from ldapproxy.pool import Disposition
 from ldapproxy.session import Session
@@ -57,6 +58,7 @@ class FakeClient:
     """A :class:`ldapproxy.session.ClientPort` that records what the session does to it."""
 
     def __init__(self) -> None:
+        self.paused_upstream = False
         #: Every call, in order: ``("write", data)``, ``("start_tls",)``, ``("close",)``...
         self.events: list[tuple[Any, ...]] = []
         self.paused = False
@@ -86,6 +88,10 @@ class FakeClient:
     def unlink(self, upstream: Any) -> None:
         self.events.append(("unlink", upstream))
         self.unlinked.append(upstream)
+
+    def upstream_paused(self) -> bool:
+        """Whether the client's full send buffer paused the upstream (tests set it)."""
+        return self.paused_upstream
 
     def close(self) -> None:
         self.events.append(("close",))
@@ -268,6 +274,10 @@ def make_session(
     start: bool = True,
     plugins: Sequence[Plugin] = (),
     plugin_timeout: float = 10.0,
+    max_pending_ops: int = 100,
+    first_request_timeout: float = 10.0,
+    operation_timeout: float = 120.0,
+    metrics: Metrics | None = None,
 ) -> Harness:
     """A started session on a listener with ``tls``, and its fakes.  ``plugins`` get the
     names ``p0``, ``p1``... unless they have one."""
@@ -280,11 +290,20 @@ def make_session(
         7,
         ("192.0.2.10", 50000),
         ListenerConfig("test", "tcp:389", tls),
-        LimitsConfig(max_pdu_bytes, idle_timeout, tls_handshake_timeout, plugin_timeout),
+        LimitsConfig(
+            max_pdu_bytes,
+            idle_timeout,
+            tls_handshake_timeout,
+            plugin_timeout,
+            max_pending_ops=max_pending_ops,
+            first_request_timeout=first_request_timeout,
+            operation_timeout=operation_timeout,
+        ),
         clock,
         source,
         client,
         PluginChain(plugins, clock, plugin_timeout) if plugins else NO_PLUGINS,
+        metrics,
     )
     if start:
         session.start()
