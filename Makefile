@@ -39,7 +39,16 @@ system-deps:
 # HAProxy for the scale-out test; promtool (from Debian's prometheus package, extracted
 # into the venv rather than installed, so that no Prometheus service starts) to check the
 # alert rules.  Without promtool the rules are still parsed and checked as YAML.
-TEST_TOOLS := $(BIN)/promtool
+# sslyze, the TLS scanner of the conformance tests, in a venv of its own: it pins a
+# cryptography older than the one pyOpenSSL needs.
+SCAN_VENV := .venv-scan
+SSLYZE_VERSION := 6.3.1
+TEST_TOOLS := $(BIN)/promtool $(SCAN_VENV)/bin/sslyze
+
+$(SCAN_VENV)/bin/sslyze:
+	test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/pip install --quiet --upgrade pip
+	$(SCAN_VENV)/bin/pip install --quiet 'sslyze==$(SSLYZE_VERSION)'
 
 $(BIN)/promtool: | $(STAMP)
 	@command -v haproxy >/dev/null 2>&1 || { \
@@ -55,7 +64,8 @@ $(BIN)/promtool: | $(STAMP)
 		rm -rf $$tmp; fi
 
 test: system-deps $(STAMP) $(TEST_TOOLS)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q -p no:cacheprovider
+	PATH="$(CURDIR)/$(BIN):$$PATH" SSLYZE="$(CURDIR)/$(SCAN_VENV)/bin/sslyze" \
+		$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check ldapproxy plugins tests bench
@@ -68,7 +78,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix ldapproxy plugins tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) build *.egg-info .mypy_cache .ruff_cache
 
 # `make bench`: direct slapd against the proxy, side by side, in one run (bench/README.rst).
 # The load generator is C against libldap: it needs a C compiler and libldap's headers.
