@@ -336,9 +336,16 @@ class Session:
         for index, frame in enumerate(frames):
             message_id, op, pdu = frame
             oid = None
-            if message_id == 0 or op in m.RESPONSE_TAGS:
+            if message_id == 0 or op not in m.REQUEST_NAMES:
+                # RFC 4511 §4.1.1: a protocolOp tag that is not a request (a response, or
+                # no LDAP operation at all) is a protocol error; it never reaches the
+                # upstream, whose connection it could break.
+                what = "a response" if op in m.RESPONSE_TAGS else "not an LDAP request"
+                if message_id == 0:
+                    what = "message ID 0"
                 self._violation(
-                    "malformed LDAP message", f"message ID {message_id} with op 0x{op:02x}"
+                    "malformed LDAP message",
+                    f"message ID {message_id} with op 0x{op:02x} ({what})",
                 )
                 return
             if op == m.EXTENDED_REQUEST:
@@ -434,8 +441,6 @@ class Session:
             self._stateful |= _is_sasl(pdu)
         elif op == m.EXTENDED_REQUEST:
             self._stateful |= oid not in _STATELESS_EXTENDED
-        elif op not in m.REQUEST_NAMES:
-            self._stateful = True
         self._note_controls(message_id, pdu)
         if self._operation_timer is None and self._limits.operation_timeout:
             self._operation_timer = self._clock.callLater(

@@ -265,22 +265,39 @@ def test_starttls_required_lets_unbind_end_the_session() -> None:
     assert h.source.requests == []
 
 
-def test_starttls_required_disconnects_on_an_unknown_operation() -> None:
-    """An unanswerable unknown op tag before TLS gets a Notice of Disconnection and close."""
-    h = make_session(ListenerTLS.STARTTLS_REQUIRED)
-    h.send(request(4, 0x7F))
+@pytest.mark.parametrize("tls", list(ListenerTLS), ids=lambda t: t.value)
+@pytest.mark.parametrize("op", [0x7F, 0x5E, 0x71, 0x45], ids=hex)
+def test_an_unknown_operation_is_a_protocol_error(tls: ListenerTLS, op: int) -> None:
+    """A protocolOp tag that is no LDAP request (RFC 4511 §4.1.1) gets a protocolError
+    Notice of Disconnection and close, on every listener, and never reaches the upstream."""
+    h = make_session(tls)
+    if tls is ListenerTLS.LDAPS:
+        h.session.tls_established("TLSv1.3")
+        h.client.events.clear()
+    h.send(request(4, op))
     (frame,) = h.client.frames()
-    assert_notice(frame, m.CONFIDENTIALITY_REQUIRED)
+    assert_notice(frame, m.PROTOCOL_ERROR)
     assert h.client.calls() == ["write", "close"]
     assert h.source.requests == []
 
 
-def test_starttls_required_ignores_the_rest_of_a_chunk_after_disconnecting() -> None:
+def test_an_unknown_operation_leaves_the_upstream_connection_reusable() -> None:
+    """It never reached the upstream, so the connection goes back to the pool as it was."""
+    h = make_session()
+    upstream = h.connect_upstream()
+    h.send(search_request(2))
+    upstream.deliver(result(2, m.SEARCH_RESULT_DONE))
+    h.send(request(3, 0x71))
+    assert [f.message_id for f in upstream.frames()] == [2]
+    assert h.source.released == [(upstream, Disposition.REUSE)]
+
+
+def test_the_rest_of_a_chunk_after_a_protocol_error_is_ignored() -> None:
     """After the unknown-op disconnect nothing else in that chunk is answered or forwarded."""
     h = make_session(ListenerTLS.STARTTLS_REQUIRED)
     h.send(request(4, 0x7F), m.root_dse_search(5), request(6, m.BIND_REQUEST))
     assert h.client.calls() == ["write", "close"]
-    assert_notice(h.client.frames()[0], m.CONFIDENTIALITY_REQUIRED)
+    assert_notice(h.client.frames()[0], m.PROTOCOL_ERROR)
     assert h.source.requests == []
 
 

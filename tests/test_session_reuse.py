@@ -222,11 +222,6 @@ SCENARIOS = [
         CLOSE,
         id="unknown-extended-oid",
     ),
-    pytest.param(
-        [("c", request(1, 0x71)), ("u", extended_done(1, m.PROTOCOL_ERROR))],
-        CLOSE,
-        id="unknown-request-tag",
-    ),
     # request controls
     *(
         pytest.param(
