@@ -13,8 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from ldapproxy.pki import CertificateAuthority
 
@@ -93,9 +96,11 @@ def proxy_config(
     tls: dict[str, object] | None = None,
     pool: dict[str, object] | None = None,
     plugins: list[dict[str, object]] | None = None,
+    metrics: bool = False,
 ) -> tuple[Path, list[Listener]]:
     """Write a configuration with one listener per TLS mode (unless given) and a
-    certificate for the proxy from ``ca``; return its path and the listeners."""
+    certificate for the proxy from ``ca``; return its path and the listeners.  With
+    ``metrics``, ``[metrics]`` serves on a free loopback port."""
     if listeners is None:
         listeners = [
             Listener("none", "plain"),
@@ -116,19 +121,31 @@ def proxy_config(
         sections["pool"] = pool
     if limits:
         sections["limits"] = limits
+    if metrics:
+        sections["metrics"] = {"endpoint": f"tcp:{free_port()}:interface=127.0.0.1"}
     path = workdir / "ldapproxy.toml"
     path.write_text(render_toml(listeners, sections, plugins))
     return path, listeners
 
 
 class ProxyProcess:
-    """One ``ldapproxy run -c FILE`` subprocess; its stderr (the main log) goes to a file."""
+    """One ``ldapproxy run -c FILE`` subprocess; its stderr (the main log) goes to a file.
+
+    Every started proxy is kept in :attr:`started`, and a proxy with ``[metrics]`` saves
+    its ``/metrics`` page beside its log when stopped (:attr:`metrics_path`): the suite's
+    last test scans all of them for secrets (``tests/test_zz_secrets.py``).
+    """
+
+    #: Every proxy started in this test session, in order.
+    started: ClassVar[list[ProxyProcess]] = []
 
     def __init__(self, config_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.args = args
         self.env = env or {}
         self.log_path = config_path.with_suffix(".log")
+        #: The last /metrics page, saved by :meth:`stop` when [metrics] is configured.
+        self.metrics_path = config_path.with_suffix(".metrics.txt")
         self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
 
@@ -147,6 +164,7 @@ class ProxyProcess:
                 stderr=log,
                 env={**os.environ, "PYTHONWARNINGS": "error::ResourceWarning", **self.env},
             )
+        ProxyProcess.started.append(self)
         if expect_ready:
             self.wait_for_log(r"ldapproxy \S+ ready", timeout)
         return self
@@ -180,6 +198,7 @@ class ProxyProcess:
         if self.process is None or self.returncode is not None:
             return self.returncode
         if self.process.poll() is None:
+            self._save_metrics()
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(10)
@@ -188,6 +207,30 @@ class ProxyProcess:
                 self.process.wait()
         self.returncode = self.process.returncode
         return self.returncode
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The proxy's configuration file, parsed."""
+        with self.config_path.open("rb") as file:
+            return tomllib.load(file)
+
+    def audit_paths(self) -> list[Path]:
+        """The files the proxy's audit plugins write."""
+        plugins = self.settings.get("plugin", [])
+        return [Path(p["path"]) for p in plugins if p.get("use") == "audit" and "path" in p]
+
+    def _save_metrics(self) -> None:
+        endpoint = str(self.settings.get("metrics", {}).get("endpoint", ""))
+        port = re.match(r"tcp:(\d+)", endpoint)
+        if port is None:
+            return
+        try:
+            url = f"http://127.0.0.1:{port.group(1)}/metrics"
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(url, timeout=5) as page:
+                self.metrics_path.write_bytes(page.read())
+        except OSError:
+            pass  # a proxy that is not serving: nothing to save
 
     def log_text(self) -> str:
         """Everything the proxy logged so far."""
