@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format system-deps client-tools clean
+.PHONY: demo test soak lint format system-deps client-tools clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@# Debian's python3 ships venv/ensurepip separately.
@@ -66,6 +66,13 @@ $(BIN)/promtool: | $(STAMP)
 test: system-deps $(STAMP) $(TEST_TOOLS)
 	PATH="$(CURDIR)/$(BIN):$$PATH" SSLYZE="$(CURDIR)/$(SCAN_VENV)/bin/sslyze" \
 		$(BIN)/pytest -q -p no:cacheprovider
+
+# `make soak`: tests/test_soak.py for SOAK_SECONDS (600 by default; make test runs 60):
+# mixed load with reloads, certificate rotation and directory restarts, and its report.
+SOAK_SECONDS ?= 600
+soak: system-deps $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" SOAK_SECONDS=$(SOAK_SECONDS) \
+		$(BIN)/pytest -q -s -p no:cacheprovider tests/test_soak.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check ldapproxy plugins tests bench

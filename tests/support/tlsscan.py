@@ -291,7 +291,7 @@ class StartTLSFront:
             if frames:
                 if len(frames) > 1 or framer.buffered:
                     raise ValueError(f"more than one LDAP message before TLS: {received!r}")
-                return frames[0].data
+                return bytes(frames[0].data)
 
     def _pipe(self, a: socket.socket, b: socket.socket) -> None:
         """Copy bytes both ways until both sides are done (half-closes are passed on)."""
