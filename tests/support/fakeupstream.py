@@ -27,6 +27,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,8 +137,9 @@ class FakeUpstream:
         self.requests: list[Request] = []
         #: Connections that completed the TLS handshake.
         self.handshakes = 0
-        #: Connections that ended (closed by the peer, reset, or stopped).
-        self.closed = 0
+        #: The numbers of the connections that ended (closed or reset by the peer, or
+        #: stopped), as in :attr:`Request.connection`.
+        self.closed: set[int] = set()
         #: Unexpected errors in the server threads (for assertions and debugging).
         self.errors: list[str] = []
 
@@ -184,8 +186,8 @@ class FakeUpstream:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _spawn(self, target: object, name: str, *args: object) -> None:
-        thread = threading.Thread(target=target, name=name, args=args, daemon=True)  # type: ignore[arg-type]
+    def _spawn(self, target: Callable[..., None], name: str, *args: object) -> None:
+        thread = threading.Thread(target=target, name=name, args=args, daemon=True)
         with self._lock:
             self._threads.append(thread)
         thread.start()
@@ -221,7 +223,7 @@ class FakeUpstream:
             self.errors.append(f"connection {number}: {type(error).__name__}: {error}")
         finally:
             with self._lock:
-                self.closed += 1
+                self.closed.add(number)
             (conn or raw).close()
 
     def _handshake(self, conn: ssl.SSLSocket) -> bool:
