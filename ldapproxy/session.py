@@ -736,7 +736,9 @@ class Session:
 
     def _acquire_failed(self, failure: Failure) -> None:
         self._acquiring = None
-        if isinstance(failure.value, defer.CancelledError):
+        if isinstance(failure.value, defer.CancelledError) or self._ending:
+            # Closing already (a protocol error while waiting, say): its Notice of
+            # Disconnection was the last thing the client may get (RFC 4511 §4.4.1).
             return
         pending = self._pending
         if isinstance(failure.value, PoolBusy):

@@ -62,6 +62,9 @@ pytestmark = pytest.mark.slapd
 
 #: How long a client may wait for its answer (or its disconnection) after a fault.
 CLIENT_BOUND = 5.0
+#: How long the tests wait for their own set-up steps (a request reaching the stopped
+#: slapd, a bind logged): generous, since it is not a property of the proxy.
+SETUP_BOUND = 20.0
 
 ALICE_PASSWORD = USERS[ALICE_DN]
 NEW_DESCRIPTION = "written while the directory died"
@@ -127,7 +130,7 @@ def wait_in_flight(upstream: Slapd, connections: set[int]) -> None:
     Connections opened later are left out: their TLS ClientHello would count too."""
     eventually(
         lambda: any(rx_queues(upstream.ldaps_port).get(p, 0) > 0 for p in connections),
-        CLIENT_BOUND,
+        SETUP_BOUND,
         "the request reaching the stopped slapd",
     )
 
@@ -331,7 +334,7 @@ def _tool_in_flight(
         if op != "bind":
             # slapd logs a RESULT after sending it: the tool has its bind answer and waits
             # for its stdin, which it gets only once slapd is stopped.
-            eventually(lambda: binds_as(upstream, ALICE_DN) >= 1, CLIENT_BOUND, "alice's bind")
+            eventually(lambda: binds_as(upstream, ALICE_DN) >= 1, SETUP_BOUND, "alice's bind")
             stack.enter_context(stopped(upstream))
             connections = established(upstream)
         assert tool.stdin is not None

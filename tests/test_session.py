@@ -20,7 +20,7 @@ from support.fakes import (
 from ldapproxy import messages as m
 from ldapproxy.ber import Frame, encode_integer, encode_message, tlv
 from ldapproxy.config import ListenerTLS
-from ldapproxy.pool import Disposition
+from ldapproxy.pool import Disposition, PoolBusy
 from ldapproxy.session import SessionState
 
 IDLE = 900.0
@@ -850,3 +850,18 @@ def test_client_lost_releases_the_upstream(outstanding: bool, clean: Disposition
     if outstanding:
         upstream.deliver(result(2, m.SEARCH_RESULT_DONE))
     assert h.client.written == b""
+
+
+@pytest.mark.parametrize("failure", ["no-upstream", "busy"])
+def test_nothing_is_written_after_closing_while_waiting_for_an_upstream(failure: str) -> None:
+    """A session that closes (here for a protocol error) while its requests wait for the
+    pool writes nothing once the pool fails: the notice is the last PDU (RFC 4511 §4.4.1).
+    Found by tests/test_fuzz.py."""
+    h = make_session()
+    h.send(request(1, m.BIND_REQUEST))
+    assert h.source.acquiring
+    h.send(b"\x00" * 8)  # the TLS layer may deliver what it decrypted while reads pause
+    assert h.client.calls() == ["pause", "write", "close"]
+    h.source.fail(None if failure == "no-upstream" else PoolBusy("all connections busy"))
+    assert h.client.calls() == ["pause", "write", "close"]
+    assert_notice(h.client.frames()[0], m.PROTOCOL_ERROR)
