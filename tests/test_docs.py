@@ -362,3 +362,19 @@ def test_plugin_reads_exactly_its_documented_keys(name: str) -> None:
 def test_index_and_readme_point_to_plugins_doc() -> None:
     """The plugin guide is reachable from the README."""
     assert "docs/plugins.rst" in README.read_text()
+
+
+# -- security ---------------------------------------------------------------------------------
+
+
+def test_security_doc_names_only_tests_that_exist() -> None:
+    """Every test file docs/security.rst offers as evidence is in the suite."""
+    text = (DOCS / "security.rst").read_text()
+    named = set(re.findall(r"``(tests/[\w/]+\.py)``", text))
+    assert len(named) >= 15, named
+    missing = sorted(path for path in named if not (ROOT / path).is_file())
+    assert missing == [], missing
+
+
+def test_readme_and_index_point_to_the_security_doc() -> None:
+    assert "docs/security.rst" in (ROOT / "README.rst").read_text()
