@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak lint format system-deps client-tools clean
+.PHONY: demo test soak fuzz lint format system-deps client-tools clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@# Debian's python3 ships venv/ensurepip separately.
@@ -74,15 +74,24 @@ soak: system-deps $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" SOAK_SECONDS=$(SOAK_SECONDS) \
 		$(BIN)/pytest -q -s -p no:cacheprovider tests/test_soak.py
 
+# `make fuzz`: each atheris target of fuzz/atheris_targets.py for FUZZ_SECONDS (make test
+# runs a few thousand inputs of each); crashes are written to build/fuzz/.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	@mkdir -p build/fuzz
+	for target in framer decoders proxy_protocol; do \
+		$(BIN)/python fuzz/atheris_targets.py $$target -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=build/fuzz/ || exit 1; done
+
 lint: $(STAMP)
-	$(BIN)/ruff check ldapproxy plugins tests bench
-	$(BIN)/ruff format --check ldapproxy plugins tests bench
+	$(BIN)/ruff check ldapproxy plugins tests bench fuzz
+	$(BIN)/ruff format --check ldapproxy plugins tests bench fuzz
 	$(BIN)/mypy ldapproxy
 	$(BIN)/mypy plugins
 
 format: $(STAMP)
-	$(BIN)/ruff format ldapproxy plugins tests bench
-	$(BIN)/ruff check --fix ldapproxy plugins tests bench
+	$(BIN)/ruff format ldapproxy plugins tests bench fuzz
+	$(BIN)/ruff check --fix ldapproxy plugins tests bench fuzz
 
 clean:
 	rm -rf $(VENV) $(SCAN_VENV) build *.egg-info .mypy_cache .ruff_cache
