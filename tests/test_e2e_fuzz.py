@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 from support.fakes import PAGED_RESULTS_CONTROL, abandon_request, request
+from support.mutations import HOSTILE_LENGTHS, INTERESTING_BYTES, ava, length_fields
 from support.proxy import Listener, ProxyProcess, proxy_config
 from support.rawldap import RawClient, extended_value, simple_bind, starttls, whoami
 from support.slapd import ADMIN_READER_DN, ALICE_DN, BOB_DN, SUFFIX, USERS, Slapd
@@ -44,7 +45,6 @@ from ldapproxy.ber import (
     ENUMERATED,
     OCTET_STRING,
     SEQUENCE,
-    BerError,
     Frame,
     Framer,
     FramingError,
@@ -105,10 +105,6 @@ ELSEWHERE = b"cn=fuzz,dc=invalid"
 
 
 # -- requests ------------------------------------------------------------------------------------
-
-
-def ava(tag: int, attribute: bytes, value: bytes) -> bytes:
-    return tlv(tag, tlv(OCTET_STRING, attribute) + tlv(OCTET_STRING, value))
 
 
 FILTER = tlv(
@@ -199,36 +195,6 @@ REQUESTS: list[Callable[[int], bytes]] = [
     lambda i: request(i, m.UNBIND_REQUEST),
 ]
 
-INTERESTING = (0x00, 0x01, 0x02, 0x04, 0x0A, 0x30, 0x7F, 0x80, 0x81, 0x84, 0x85, 0xA0, 0xFF)
-HOSTILE_LENGTHS = (
-    b"\x00",
-    b"\x7f",
-    b"\x80",
-    b"\x81\xff",
-    b"\x84\xff\xff\xff\xff",
-    b"\x84\x00\x00\x00\x01",
-    b"\x85\x01\x00\x00\x00\x00",
-    b"\xff",
-)
-
-
-def length_fields(buf: bytes) -> list[tuple[int, int]]:
-    """``(start, end)`` of the length octets of the elements a TLV walk of ``buf`` finds."""
-    found = []
-    stack = [(0, len(buf))]
-    while stack:
-        pos, end = stack.pop()
-        while pos < end:
-            try:
-                tag, start, stop = read_tlv(buf, pos, end)
-            except BerError:
-                break
-            found.append((pos + 1, start))
-            if tag & 0x20:
-                stack.append((start, stop))
-            pos = stop
-    return found
-
 
 def mutate(rng: random.Random, data: bytes) -> bytes:
     """``data`` with one to four byte flips, overwrites, insertions, deletions,
@@ -244,7 +210,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
         if kind == "flip":
             buf[pos] ^= 1 << rng.randrange(8)
         elif kind == "set":
-            buf[pos] = rng.choice(INTERESTING) if rng.random() < 0.5 else rng.randrange(256)
+            buf[pos] = rng.choice(INTERESTING_BYTES) if rng.random() < 0.5 else rng.randrange(256)
         elif kind == "insert":
             buf[pos:pos] = rng.randbytes(rng.randint(1, 8))
         elif kind == "delete":

@@ -52,6 +52,7 @@ from support.fakes import (
     search_request,
     starttls_request,
 )
+from support.mutations import HOSTILE_LENGTHS, INTERESTING_BYTES, ava, length_fields
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
@@ -93,11 +94,6 @@ from ldapproxy.upstream import UPSTREAM_MAX_PDU_BYTES, UpstreamProtocol, Upstrea
 MAX_HEADER = 6
 
 # -- a corpus of real PDUs ---------------------------------------------------------------------
-
-
-def ava(tag: int, attribute: bytes, value: bytes) -> bytes:
-    """An AttributeValueAssertion filter item."""
-    return tlv(tag, tlv(OCTET_STRING, attribute) + tlv(OCTET_STRING, value))
 
 
 #: Every filter choice, nested, with a password attribute and non-UTF-8 bytes.
@@ -256,44 +252,7 @@ CORPUS: list[bytes] = [
 
 # -- mutations -----------------------------------------------------------------------------------
 
-#: Byte values that make lengths long, huge or indefinite, tags odd and integers extreme.
-INTERESTING_BYTES = (0x00, 0x01, 0x02, 0x04, 0x0A, 0x1F, 0x30, 0x7F, 0x80, 0x81, 0x84, 0x85, 0xA0)
-#: Length octets no sane encoder writes: indefinite, over-long, 4 GiB, more than 4 octets.
-HOSTILE_LENGTHS = (
-    b"\x00",
-    b"\x7f",
-    b"\x80",
-    b"\x81\x00",
-    b"\x81\xff",
-    b"\x82\xff\xff",
-    b"\x83\xff\xff\xff",
-    b"\x84\xff\xff\xff\xff",
-    b"\x84\x7f\xff\xff\xff",
-    b"\x84\x00\x00\x00\x01",
-    b"\x85\x01\x00\x00\x00\x00",
-    b"\x89" + b"\xff" * 9,
-    b"\xff",
-)
 _bytes = st.one_of(st.sampled_from(INTERESTING_BYTES), st.integers(0, 255))
-
-
-def length_fields(buf: bytes) -> list[tuple[int, int]]:
-    """``(start, end)`` of the length octets of every element a TLV walk of ``buf`` finds,
-    descending into constructed elements; malformed parts are skipped."""
-    found = []
-    stack = [(0, len(buf))]
-    while stack:
-        pos, end = stack.pop()
-        while pos < end:
-            try:
-                tag, start, stop = read_tlv(buf, pos, end)
-            except BerError:
-                break
-            found.append((pos + 1, start))
-            if tag & 0x20:
-                stack.append((start, stop))
-            pos = stop
-    return found
 
 
 def mutate(draw: st.DrawFn, data: bytes, max_edits: int = 4) -> bytes:
