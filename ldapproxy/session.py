@@ -14,9 +14,9 @@ Client states (:class:`SessionState`)::
 
 Rules, in the order they are applied to each client PDU:
 
-* Message ID 0 is reserved for unsolicited notifications, response tags are not requests,
-  and a message ID may not be reused while its operation is outstanding: any of these is
-  a protocol error (Notice of Disconnection, then close).
+* Message ID 0 is reserved for unsolicited notifications, a protocolOp tag must be a
+  request (RFC 4511 §4.1.1), and a message ID may not be reused while its operation is
+  outstanding: any of these is a protocol error (Notice of Disconnection, then close).
 * StartTLS is answered by the proxy itself (RFC 4511 §4.14): ``unavailable`` on a
   ``none`` listener, ``operationsError`` when TLS is already active or operations are
   outstanding, else success in plaintext followed by the handshake.  Bytes that arrive
@@ -30,9 +30,16 @@ Rules, in the order they are applied to each client PDU:
   verdict is pending, later requests wait and the client is not read.  A denied request
   is answered with the verdict's result code and never reaches the upstream.
 * Unbind ends the session; it is not forwarded.
+* A request beyond ``limits.max_pending_ops`` outstanding operations is answered ``busy``.
 * Everything else is forwarded unchanged, and its message ID recorded as outstanding until
   its final response.  Responses for message IDs that are not outstanding are dropped;
   unsolicited notifications (message ID 0) pass through.
+
+Timers: ``limits.first_request_timeout`` from the start until the first whole request,
+``limits.tls_handshake_timeout`` for each handshake, ``limits.idle_timeout`` while nothing
+is outstanding, and ``limits.operation_timeout`` while the upstream is silent on a sent
+operation (persistent search and sync excepted): then every outstanding operation is
+answered ``unavailable`` and the session ends, its hung upstream connection closed.
 """
 
 from __future__ import annotations
