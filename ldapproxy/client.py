@@ -116,9 +116,8 @@ class ClientProtocol(Protocol):
         """The client (at ``peer``) is known: its session starts, within the per-address
         connection limit."""
         limiter = self._limiter
-        if limiter is not None:
-            listener = self._listener_name()
-            if not limiter.admit_address(peer[0], listener, format_peer(peer)):
+        if limiter is not None and limiter.per_address:
+            if not limiter.admit_address(self._listener_name(), peer):
                 self.transport.abortConnection()  # type: ignore[union-attr]
                 return
             self._counted_address = peer[0]
@@ -263,7 +262,7 @@ class ClientFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> ClientProtocol | None:
         peer = (str(getattr(addr, "host", addr)), int(getattr(addr, "port", 0)))
-        if not self.limiter.admit(self.listener.name, format_peer(peer)):
+        if not self.limiter.admit(self.listener.name, peer):
             return None  # Twisted closes the socket before reading or writing a byte
         self.metrics.count_client(self.listener.name)
 

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from ldapproxy.config import LimitsConfig
 from ldapproxy.metrics import Metrics
+from ldapproxy.session import format_peer
 
 log = Logger(namespace="ldapproxy.limits")
 
@@ -47,31 +48,39 @@ class ConnectionLimiter:
         """New limits (a reload): they apply to connections accepted from now on."""
         self.limits = limits
 
-    def admit(self, listener: str, peer: str) -> bool:
+    def admit(self, listener: str, peer: tuple[str, int]) -> bool:
         """A connection was accepted from ``peer``: count it, or refuse it (False)."""
         if self.open >= self.limits.max_connections:
             self._refused(
                 "max_connections",
                 self.limits.max_connections,
-                f"connection from {peer} on listener {listener} refused: "
+                f"connection from {format_peer(peer)} on listener {listener} refused: "
                 f"{self.open} client connections open",
             )
             return False
         self.open += 1
         return True
 
+    @property
+    def per_address(self) -> bool:
+        """Whether connections are counted per address (``max_connections_per_ip`` set)."""
+        return self.limits.max_connections_per_ip > 0
+
     def release(self) -> None:
         """An admitted connection closed."""
         self.open -= 1
 
-    def admit_address(self, host: str, listener: str, peer: str) -> bool:
-        """The client of an admitted connection is ``host``: count it, or refuse (False)."""
+    def admit_address(self, listener: str, peer: tuple[str, int]) -> bool:
+        """The client of an admitted connection is at ``peer``: count its address, or
+        refuse it (False).  Only while :attr:`per_address`: a limit set by a reload counts
+        the connections accepted from then on."""
+        host = peer[0]
         limit = self.limits.max_connections_per_ip
-        if limit and self.by_address[host] >= limit:
+        if self.by_address[host] >= limit:
             self._refused(
                 "max_connections_per_ip",
                 limit,
-                f"connection from {peer} on listener {listener} refused: "
+                f"connection from {format_peer(peer)} on listener {listener} refused: "
                 f"{self.by_address[host]} connections open from {host}",
             )
             return False

@@ -244,12 +244,9 @@ class Session:
         self._close_reason: str | None = None
         self._last_activity = self._started = clock.seconds()
         self._requests = 0
-        self._idle_timer: IDelayedCall | None = None
+        #: The one timer of the session's deadlines (:meth:`_check_deadlines`).
+        self._timer: IDelayedCall | None = None
         self._handshake_timer: IDelayedCall | None = None
-        #: Until the first whole request arrives (limits.first_request_timeout).
-        self._first_timer: IDelayedCall | None = None
-        #: While operations are outstanding (limits.operation_timeout).
-        self._operation_timer: IDelayedCall | None = None
         #: When the upstream last sent anything to this session.
         self._upstream_seen = self._started
         #: Message IDs exempt from limits.operation_timeout (persistent search, sync).
@@ -275,9 +272,12 @@ class Session:
 
     def start(self) -> None:
         """The client connection is established; nothing has been read yet."""
-        self._first_timer = self._clock.callLater(
-            self._limits.first_request_timeout, self._first_request_expired
-        )
+        # Never later than the period of _check_deadlines, which relies on it.
+        limits = self._limits
+        first = min(limits.first_request_timeout, limits.idle_timeout)
+        if limits.operation_timeout:
+            first = min(first, limits.operation_timeout)
+        self._timer = self._clock.callLater(first, self._check_deadlines)
         if self._plugins.decides_connections:
             decision = _now_or_later(self._plugins.connection_accepted(self._events.connection()))
             if isinstance(decision, defer.Deferred):
@@ -307,7 +307,6 @@ class Session:
         self._serve()
 
     def _serve(self) -> None:
-        self._idle_timer = self._clock.callLater(self._limits.idle_timeout, self._check_idle)
         if self.listener.tls is ListenerTLS.LDAPS:
             self._begin_tls()
 
@@ -328,9 +327,6 @@ class Session:
             self._violation("malformed LDAP message", f"framing error: {error}")
             return
         self._requests += len(frames)
-        if self._first_timer is not None and frames:
-            self._first_timer.cancel()
-            self._first_timer = None
         if self._waiting is not None:
             self._waiting.extend(frames)  # behind a request whose verdict is pending
             return
@@ -449,10 +445,6 @@ class Session:
         elif op == m.EXTENDED_REQUEST:
             self._stateful |= oid not in _STATELESS_EXTENDED
         self._note_controls(message_id, pdu)
-        if self._operation_timer is None and self._limits.operation_timeout:
-            self._operation_timer = self._clock.callLater(
-                self._limits.operation_timeout, self._check_operations
-            )
         forward.append(frame)
         return True
 
@@ -941,10 +933,86 @@ class Session:
             self._starttls_pending = False
             self._metrics.count_starttls(self.listener.name, "failure")
 
-    def _first_request_expired(self) -> None:
-        self._first_timer = None
+    # -- deadlines ------------------------------------------------------------------------
+
+    def _check_deadlines(self) -> None:
+        """The session's one timer: limits.first_request_timeout until the first whole
+        request, limits.operation_timeout while the upstream is silent on a sent operation,
+        limits.idle_timeout while nothing is outstanding.
+
+        Each deadline is computed from timestamps when the timer fires, and the timer is
+        set again for the earliest one, but never further than the shorter of the idle and
+        operation timeouts: so an operation sent in between is still checked before its
+        deadline, and no event has to move the timer (one timer per session, set once per
+        period, instead of one per request).
+        """
+        self._timer = None
         if self._ending:
             return
+        limits = self._limits
+        now = self._clock.seconds()
+        period = limits.idle_timeout
+        upcoming = []
+        if not self._requests:
+            deadline = self._started + limits.first_request_timeout
+            if now >= deadline:
+                self._first_request_expired()
+                return
+            upcoming.append(deadline)
+        if limits.operation_timeout:
+            period = min(period, limits.operation_timeout)
+            silence_ends = self._operation_deadline()
+            if silence_ends is not None:
+                if now >= silence_ends:
+                    self._operation_timed_out(*self._oldest_operation())
+                    return
+                upcoming.append(silence_ends)
+        if not (self.outstanding or self._acquiring is not None or self._waiting is not None):
+            deadline = self._last_activity + limits.idle_timeout
+            if now >= deadline:
+                log.info(
+                    "{prefix} closing: idle for {idle:.0f} s (limits.idle_timeout = {timeout:g})",
+                    prefix=self.prefix,
+                    idle=now - self._last_activity,
+                    timeout=limits.idle_timeout,
+                )
+                self._close("idle timeout", notice=(m.UNAVAILABLE, "idle timeout"))
+                return
+            upcoming.append(deadline)
+        wake = min(upcoming, default=now + period)
+        self._timer = self._clock.callLater(min(wake - now, period), self._check_deadlines)
+
+    def _timed_operations(self) -> list[tuple[float, int, int]]:
+        """``(sent, message ID, op)`` of the operations limits.operation_timeout applies
+        to: sent upstream, not abandoned, not a persistent search or sync."""
+        unsent = {frame.message_id for frame in self._pending}
+        self._untimed &= self._outstanding.keys()
+        exempt = self._abandoned | self._untimed | unsent
+        return [
+            (started, message_id, op)
+            for message_id, (op, started) in self._outstanding.items()
+            if message_id not in exempt
+        ]
+
+    def _operation_deadline(self) -> float | None:
+        """When the upstream's silence on the oldest timed operation runs out, if any."""
+        if not self._outstanding:
+            return None
+        if self._upstream is None or self._client.upstream_paused():
+            # Waiting for a connection (the pool's acquire_timeout applies), or the client
+            # does not read, so the proxy does not read the upstream: not its silence.
+            return None
+        timed = self._timed_operations()
+        if not timed:
+            return None
+        started, _, _ = min(timed)
+        return max(started, self._upstream_seen) + self._limits.operation_timeout
+
+    def _oldest_operation(self) -> tuple[int, int]:
+        _, message_id, op = min(self._timed_operations())
+        return message_id, op
+
+    def _first_request_expired(self) -> None:
         timeout = self._limits.first_request_timeout
         self._metrics.count_limit("first_request_timeout")
         if self.state is SessionState.HANDSHAKE:
@@ -965,36 +1033,6 @@ class Session:
             count=self._framer.buffered,
         )
         self._close("first request timeout", notice=(m.UNAVAILABLE, "first request timeout"))
-
-    def _check_operations(self) -> None:
-        """limits.operation_timeout: has the upstream been silent too long on an operation
-        it was sent?"""
-        self._operation_timer = None
-        if self._ending:
-            return
-        timeout = self._limits.operation_timeout
-        unsent = {frame.message_id for frame in self._pending}
-        self._untimed &= self._outstanding.keys()
-        exempt = self._abandoned | self._untimed | unsent
-        sent = [
-            (started, message_id, op)
-            for message_id, (op, started) in self._outstanding.items()
-            if message_id not in exempt
-        ]
-        if not sent:
-            return  # armed again by the next request
-        if self._upstream is None or self._client.upstream_paused():
-            # Waiting for a connection (the pool's acquire_timeout applies), or the client
-            # does not read, so the proxy does not read the upstream: not its silence.
-            self._operation_timer = self._clock.callLater(timeout, self._check_operations)
-            return
-        started, message_id, op = min(sent)
-        silent_since = max(started, self._upstream_seen)
-        left = silent_since + timeout - self._clock.seconds()
-        if left > 0:
-            self._operation_timer = self._clock.callLater(left, self._check_operations)
-            return
-        self._operation_timed_out(message_id, op)
 
     def _operation_timed_out(self, message_id: int, op: int) -> None:
         """The upstream connection is hung: answer every outstanding operation with
@@ -1035,26 +1073,6 @@ class Session:
         self._stateful = True  # hung: never handed to another session
         self._close("operation timeout", notice=(m.UNAVAILABLE, diagnostic))
 
-    def _check_idle(self) -> None:
-        self._idle_timer = None
-        if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
-            return
-        timeout = self._limits.idle_timeout
-        idle_for = self._clock.seconds() - self._last_activity
-        busy = self.outstanding or self._acquiring is not None or self._waiting is not None
-        if busy or idle_for < timeout:
-            # Not idle: look again when it could first be.
-            delay = timeout - idle_for if idle_for < timeout else timeout
-            self._idle_timer = self._clock.callLater(delay, self._check_idle)
-            return
-        log.info(
-            "{prefix} closing: idle for {idle:.0f} s (limits.idle_timeout = {timeout:g})",
-            prefix=self.prefix,
-            idle=idle_for,
-            timeout=timeout,
-        )
-        self._close("idle timeout", notice=(m.UNAVAILABLE, "idle timeout"))
-
     def _close(self, why: str, notice: tuple[int, str] | None, abort: bool = False) -> None:
         if self.state is SessionState.CLOSING or self.state is SessionState.CLOSED:
             return
@@ -1072,16 +1090,10 @@ class Session:
             self._client.close()
 
     def _cancel_timers(self) -> None:
-        for timer in (
-            self._idle_timer,
-            self._handshake_timer,
-            self._first_timer,
-            self._operation_timer,
-        ):
+        for timer in (self._timer, self._handshake_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._idle_timer = self._handshake_timer = None
-        self._first_timer = self._operation_timer = None
+        self._timer = self._handshake_timer = None
 
 
 def format_peer(peer: tuple[str, int]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from support.proxy import Listener, ProxyProcess, proxy_config
 from support.rawldap import RawClient, whoami
-from support.slapd import Slapd, SlapdFactory
+from support.slapd import Slapd, SlapdFactory, all_threads_stopped
 
 from ldapproxy import messages as m
 from ldapproxy.ber import Frame
@@ -200,6 +200,11 @@ def test_a_hung_directory_times_out_and_the_proxy_recovers(
         with RawClient(listener.port) as before:
             assert served(before)
             os.kill(directory.pid, signal.SIGSTOP)
+            # Delivered asynchronously: wait until no slapd thread can still answer.
+            deadline = time.monotonic() + 10
+            while not all_threads_stopped(directory.pid):
+                assert time.monotonic() < deadline, "slapd did not stop"
+                time.sleep(0.01)
             try:
                 started = time.monotonic()
                 before.send(whoami(2))

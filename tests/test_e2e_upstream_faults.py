@@ -43,7 +43,7 @@ from support.fakeupstream import (
 from support.net import LOOPBACK, free_port
 from support.proxy import Listener, ProxyProcess, proxy_config
 from support.rawldap import RawClient, extended_value, simple_bind, subtree_search, whoami
-from support.slapd import ALICE_DN, PEOPLE_DN, USERS, Slapd, SlapdFactory
+from support.slapd import ALICE_DN, PEOPLE_DN, USERS, Slapd, SlapdFactory, all_threads_stopped
 
 from ldapproxy import messages as m
 from ldapproxy.ber import (
@@ -148,6 +148,9 @@ def stopped(upstream: Slapd) -> Iterator[None]:
     assert upstream.pid is not None
     pid = upstream.pid
     os.kill(pid, signal.SIGSTOP)
+    # kill() returns before every thread has stopped: wait until all of them have, so
+    # that nothing sent from now on is processed.
+    eventually(lambda: all_threads_stopped(pid), SETUP_BOUND, f"slapd {pid} stopped")
     try:
         yield
     finally:

@@ -51,24 +51,24 @@ def logged() -> Iterator[list[dict[str, Any]]]:
 def test_total_connections_are_capped_and_freed() -> None:
     metrics = Metrics()
     limiter = ConnectionLimiter(limits(total=2), Clock(), metrics)
-    assert limiter.admit("ldap", "192.0.2.1:1")
-    assert limiter.admit("ldap", "192.0.2.1:2")
-    assert not limiter.admit("ldap", "192.0.2.1:3")
+    assert limiter.admit("ldap", ("192.0.2.1", 1))
+    assert limiter.admit("ldap", ("192.0.2.1", 2))
+    assert not limiter.admit("ldap", ("192.0.2.1", 3))
     assert limiter.open == 2
     limiter.release()
-    assert limiter.admit("ldap", "192.0.2.1:4")
+    assert limiter.admit("ldap", ("192.0.2.1", 4))
     assert metrics.limits_exceeded["max_connections"] == 1
 
 
 def test_per_address_connections_are_capped_per_address() -> None:
     metrics = Metrics()
     limiter = ConnectionLimiter(limits(total=100, per_ip=2), Clock(), metrics)
-    assert limiter.admit_address("192.0.2.1", "ldap", "192.0.2.1:1")
-    assert limiter.admit_address("192.0.2.1", "ldap", "192.0.2.1:2")
-    assert not limiter.admit_address("192.0.2.1", "ldap", "192.0.2.1:3")
-    assert limiter.admit_address("192.0.2.2", "ldap", "192.0.2.2:1"), "another address"
+    assert limiter.admit_address("ldap", ("192.0.2.1", 1))
+    assert limiter.admit_address("ldap", ("192.0.2.1", 2))
+    assert not limiter.admit_address("ldap", ("192.0.2.1", 3))
+    assert limiter.admit_address("ldap", ("192.0.2.2", 1)), "another address"
     limiter.release_address("192.0.2.1")
-    assert limiter.admit_address("192.0.2.1", "ldap", "192.0.2.1:4")
+    assert limiter.admit_address("ldap", ("192.0.2.1", 4))
     assert metrics.limits_exceeded["max_connections_per_ip"] == 1
 
 
@@ -77,14 +77,20 @@ def test_addresses_that_left_are_forgotten() -> None:
     limiter = ConnectionLimiter(limits(total=100, per_ip=5), Clock(), Metrics())
     for index in range(50):
         host = f"192.0.2.{index}"
-        assert limiter.admit_address(host, "ldap", f"{host}:1")
+        assert limiter.admit_address("ldap", (host, 1))
         limiter.release_address(host)
     assert dict(limiter.by_address) == {}
 
 
-def test_zero_per_address_is_no_limit() -> None:
+def test_zero_per_address_counts_nothing() -> None:
+    """Off (0): addresses are not counted at all, so nothing is kept per address."""
     limiter = ConnectionLimiter(limits(total=100, per_ip=0), Clock(), Metrics())
-    assert all(limiter.admit_address("192.0.2.1", "ldap", "x") for _ in range(1000))
+    assert not limiter.per_address
+    made = factory(limits(total=100, per_ip=0), limiter)
+    clients = [connect(made, "192.0.2.1", 40000 + n) for n in range(50)]
+    assert all(c is not None and c.session is not None for c in clients)
+    assert dict(limiter.by_address) == {}
+    assert limiter.open == 50
 
 
 def test_refusals_are_logged_at_most_every_interval(logged: list[dict[str, Any]]) -> None:
@@ -93,12 +99,12 @@ def test_refusals_are_logged_at_most_every_interval(logged: list[dict[str, Any]]
     clock = Clock()
     metrics = Metrics()
     limiter = ConnectionLimiter(limits(total=1), clock, metrics)
-    assert limiter.admit("ldap", "192.0.2.1:1")
+    assert limiter.admit("ldap", ("192.0.2.1", 1))
     for port in range(2, 12):
-        assert not limiter.admit("ldap", f"192.0.2.1:{port}")
+        assert not limiter.admit("ldap", ("192.0.2.1", port))
         clock.advance(0.1)
     clock.advance(LOG_INTERVAL)
-    assert not limiter.admit("ldaps", "192.0.2.9:99")
+    assert not limiter.admit("ldaps", ("192.0.2.9", 99))
     first, second = limit_lines(logged)
     assert first == (
         "connection from 192.0.2.1:2 on listener ldap refused: 1 client connections open "
@@ -113,12 +119,12 @@ def test_refusals_are_logged_at_most_every_interval(logged: list[dict[str, Any]]
 
 def test_new_limits_apply_to_new_connections() -> None:
     limiter = ConnectionLimiter(limits(total=1), Clock(), Metrics())
-    assert limiter.admit("ldap", "a")
-    assert not limiter.admit("ldap", "b")
+    assert limiter.admit("ldap", ("192.0.2.1", 1))
+    assert not limiter.admit("ldap", ("192.0.2.1", 2))
     limiter.configure(limits(total=3))
-    assert limiter.admit("ldap", "c")
+    assert limiter.admit("ldap", ("192.0.2.1", 3))
     limiter.configure(limits(total=1))
-    assert not limiter.admit("ldap", "d"), "open connections stay; new ones wait for room"
+    assert not limiter.admit("ldap", ("192.0.2.1", 4)), "open connections stay"
     assert limiter.open == 2
 
 

@@ -75,6 +75,19 @@ SCHEMAS = ("core", "cosine", "inetorgperson", "nis")
 MODULES = ("back_mdb", "sssvlv", "syncprov")
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is in the stopped state (T)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue  # a thread that exited meanwhile
+        if state not in ("T", "t"):
+            return False
+    return True
+
+
 def bulk_user_uid(i: int) -> str:
     """The uid of bulk user *i* (1-based): ``user001`` .. ``user120``."""
     if not 1 <= i <= BULK_USER_COUNT:
