@@ -560,11 +560,9 @@ class Supervisor:
     def tag(self, worker: Worker, line: str) -> str:
         """A worker's log line, marked with its worker number."""
         if self.config.log.format == "json" and line.startswith("{"):
-            try:
+            # Not JSON after all (a traceback line, say): tagged as text below.
+            with contextlib.suppress(ValueError):
                 record = json.loads(line)
-            except ValueError:
-                pass
-            else:
                 if isinstance(record, dict):
                     record["worker"] = worker.index
                     return json.dumps(record, ensure_ascii=False)

@@ -169,12 +169,13 @@ class ProxyProcess:
             self.wait_for_log(r"ldapproxy \S+ ready", timeout)
         return self
 
-    def wait_for_log(self, pattern: str, timeout: float = 10) -> re.Match[str]:
-        """Wait until a log line matches ``pattern``; fail if the proxy exits first."""
+    def wait_for_log(self, pattern: str, timeout: float = 10, since: int = 0) -> re.Match[str]:
+        """Wait until a log line matches ``pattern`` (in the log after its first ``since``
+        characters); fail if the proxy exits first."""
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
         while True:
-            match = regex.search(self.log_text())
+            match = regex.search(self.log_text()[since:])
             if match:
                 return match
             assert self.process is not None
